@@ -1,0 +1,140 @@
+"""scoring: batched == per-example, hidden states reproduce logits, fused log-prob gradients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from preflens.errors import ScoringError
+from preflens.scoring import (
+    collate,
+    encode,
+    response_hidden_states,
+    response_logprobs,
+    target_logprobs,
+    token_logprobs,
+)
+
+WORDS = "the capital of poland is warsaw yes no never sure maybe model prefers answer".split()
+
+
+def _texts(n, lo, hi, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def _reference_logp(lm, prompt, response):
+    """Unpadded, batch-1, full-vocabulary log_softmax: the definition, computed independently."""
+    p = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = lm.tokenizer(response, add_special_tokens=False)["input_ids"] + [lm.eos_id]
+    ids = torch.tensor([p + r])
+    with torch.no_grad():
+        logits = lm.model(ids).logits[0].double()
+    lp = logits.log_softmax(-1)
+    return sum(lp[len(p) - 1 + k, tok].item() for k, tok in enumerate(r)), len(r)
+
+
+@pytest.mark.parametrize("mix", [(1, 3, 1, 3), (1, 40, 1, 40), (30, 60, 1, 2), (1, 2, 50, 90)])
+def test_batched_equals_per_example_tiny(tiny, mix):
+    prompts = _texts(9, mix[0], mix[1], seed=1)
+    responses = _texts(9, mix[2], mix[3], seed=2)
+    batched = response_logprobs(tiny, prompts, responses, batch_size=4)
+    for i in range(9):
+        ref, n = _reference_logp(tiny, prompts[i], responses[i])
+        assert batched.n_tokens[i] == n
+        assert abs(batched.logp[i].item() - ref) <= 1e-5 * max(1.0, abs(ref))
+        assert abs(batched.mean_logp[i].item() - ref / n) <= 1e-5 * max(1.0, abs(ref / n))
+
+
+def test_batched_equals_per_example_gpt2_small_random(gpt2_random):
+    prompts = _texts(4, 2, 30, seed=3)
+    responses = _texts(4, 1, 25, seed=4)
+    batched = response_logprobs(gpt2_random, prompts, responses, batch_size=4)
+    single = [response_logprobs(gpt2_random, [p], [r], batch_size=1) for p, r in zip(prompts, responses)]
+    for i, s in enumerate(single):
+        assert abs(batched.logp[i].item() - s.logp[0].item()) <= 1e-5 * max(1, abs(s.logp[0].item()))
+        assert torch.allclose(batched.token_logprobs[i][batched.mask[i]], s.token_logprobs[0][s.mask[0]], atol=1e-5)
+
+
+def test_tokenized_separately_no_boundary_merge(tiny):
+    enc = encode(tiny.tokenizer, ["The capital of"], [" Poland"])[0]
+    assert list(enc.prompt_ids) == tiny.tokenizer("The capital of", add_special_tokens=False)["input_ids"]
+    assert enc.response_ids[-1] == tiny.eos_id
+    no_eos = encode(tiny.tokenizer, ["a"], [" b"], add_eos=False)[0]
+    assert tiny.eos_id not in no_eos.response_ids
+
+
+def test_hidden_states_reproduce_logits(tiny):
+    prompts, responses = _texts(5, 1, 12, 5), _texts(5, 1, 12, 6)
+    hs = response_hidden_states(tiny, prompts, responses, batch_size=3)
+    W = tiny.model.lm_head.weight.detach()
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        enc = encode(tiny.tokenizer, [p], [r])[0]
+        ids = torch.tensor([enc.prompt_ids + enc.response_ids])
+        with torch.no_grad():
+            logits = tiny.model(ids).logits[0]
+        P, R = len(enc.prompt_ids), len(enc.response_ids)
+        assert hs[i].shape == (R, tiny.d_model)
+        assert torch.allclose(hs[i] @ W.T, logits[P - 1 : P + R - 1], atol=1e-4)
+
+
+def test_bf16_model_scores_in_fp32(tiny):
+    import copy
+
+    lm16 = copy.copy(tiny)
+    lm16.model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    s = response_logprobs(lm16, ["The capital of"], [" Poland is Warsaw"])
+    assert s.token_logprobs.dtype == torch.float32 and s.logp.dtype == torch.float64
+    ref = response_logprobs(tiny, ["The capital of"], [" Poland is Warsaw"])
+    assert torch.isfinite(s.logp).all() and abs(s.logp.item() - ref.logp.item()) < 0.5
+
+
+def test_fused_target_logprobs_match_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 17, (13,))
+    g = torch.randn(13, dtype=torch.float64)
+    (target_logprobs(h, w, b, t, chunk_size=4) * g).sum().backward()
+    fused = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    ref = torch.log_softmax(h @ w.T + b, -1).gather(1, t[:, None]).squeeze(1)
+    (ref * g).sum().backward()
+    for a, x in zip(fused, (h, w, b)):
+        assert torch.allclose(a, x.grad, atol=1e-5)
+
+
+def test_token_logprobs_gradient_equals_full_softmax(tiny):
+    enc = encode(tiny.tokenizer, ["The capital", "Q: What is"], [" of Poland", " the answer"])
+    batch = collate(enc, pad_id=tiny.pad_id)
+    model = tiny.model
+    model.zero_grad()
+    token_logprobs(model, batch, chunk_size=3).sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    mask = batch.response_mask
+    lp = logits.float().log_softmax(-1)[mask].gather(1, batch.targets[mask][:, None])
+    lp.sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-5), n
+    model.zero_grad()
+
+
+def test_too_long_raises_or_truncates_left(tiny):
+    long_prompt = " ".join(["word"] * 400)
+    with pytest.raises(ScoringError, match="exceed the model context of 256"):
+        response_logprobs(tiny, [long_prompt], [" yes"])
+    s = response_logprobs(tiny, [long_prompt], [" yes"], truncate="left")
+    assert torch.isfinite(s.logp).all()
+    with pytest.raises(ScoringError):
+        response_logprobs(tiny, ["a"], [long_prompt], truncate="left")
+
+
+def test_empty_prompt_is_an_error(tiny):
+    with pytest.raises(ScoringError, match="empty prompt"):
+        response_logprobs(tiny, [""], [" yes"])
