@@ -1,0 +1,325 @@
+"""Tests for preflens.dynamics.losses: analytic weights vs autograd, closed-form values vs an
+independent scalar (math-module) implementation, optima, numerics, and configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from preflens.dynamics.losses import LOSSES, compute_loss, get_loss, resolve_kwargs, weights
+from preflens.errors import ConfigError
+
+N = 96
+# Non-default parameters where the defaults would leave a branch untested (hinge at β = 0.1 is
+# always active for margins of a few nats).
+TEST_KW = {"hinge": {"beta": 1.0}, "dpop": {"lam": 2.0}, "kto_paired": {"z0": 0.3},
+           "dpo_gamma": {"gamma": 0.6}, "rdpo": {"alpha": 0.05}}
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    len_w = torch.randint(1, 30, (N,), generator=g).double()
+    len_l = torch.randint(1, 30, (N,), generator=g).double()
+    u_w = -len_w * (0.2 + 3 * torch.rand(N, generator=g, dtype=torch.float64))
+    u_l = -len_l * (0.2 + 3 * torch.rand(N, generator=g, dtype=torch.float64))
+    u_ref_w = u_w + 3 * torch.randn(N, generator=g, dtype=torch.float64)
+    u_ref_l = u_l + 3 * torch.randn(N, generator=g, dtype=torch.float64)
+    return dict(u_w=u_w, u_l=u_l, u_ref_w=u_ref_w, u_ref_l=u_ref_l, len_w=len_w, len_l=len_l)
+
+
+def _kw(name: str, seed: int = 0) -> dict:
+    kw = dict(TEST_KW.get(name, {}))
+    if name == "cdpo":  # per-pair soft labels
+        g = torch.Generator().manual_seed(seed + 7)
+        kw["alpha"] = torch.rand(N, generator=g, dtype=torch.float64)
+    return kw
+
+
+def _autograd_weights(name, x, kw):
+    uw = x["u_w"].clone().requires_grad_(True)
+    ul = x["u_l"].clone().requires_grad_(True)
+    loss = compute_loss(name, uw, ul, x["u_ref_w"], x["u_ref_l"], x["len_w"], x["len_l"], **kw)
+    gw, gl = torch.autograd.grad(loss.sum(), (uw, ul))
+    return loss.detach(), -gw, gl
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weights_match_autograd(name, seed):
+    x, kw = _inputs(seed), _kw(name, seed)
+    _, aw_auto, al_auto = _autograd_weights(name, x, kw)
+    aw, al = weights(name, **x, **kw)
+    assert aw.shape == al.shape == (N,) and aw.dtype == torch.float64
+    torch.testing.assert_close(aw, aw_auto, rtol=0, atol=1e-10)
+    torch.testing.assert_close(al, al_auto, rtol=0, atol=1e-10)
+
+
+def test_both_branches_exercised():
+    x = _inputs(0)
+    m = (x["u_w"] - x["u_ref_w"]) - (x["u_l"] - x["u_ref_l"])
+    hinge_active = TEST_KW["hinge"]["beta"] * m < 1
+    assert hinge_active.any() and (~hinge_active).any()
+    dpop_active = x["u_w"] < x["u_ref_w"]
+    assert dpop_active.any() and (~dpop_active).any()
+    rrhf_active = x["u_l"] / x["len_l"] > x["u_w"] / x["len_w"]
+    assert rrhf_active.any() and (~rrhf_active).any()
+    # the two branches really give different weights
+    aw, _ = weights("dpop", **x, **TEST_KW["dpop"])
+    s = 0.1 * torch.sigmoid(-0.1 * (m - 2.0 * torch.relu(x["u_ref_w"] - x["u_w"])))
+    torch.testing.assert_close(aw[dpop_active], 3.0 * s[dpop_active], rtol=1e-12, atol=0)
+    torch.testing.assert_close(aw[~dpop_active], s[~dpop_active], rtol=1e-12, atol=0)
+    _, al = weights("hinge", **x, beta=1.0)
+    assert set(al.tolist()) == {0.0, 1.0}
+
+
+# --- independent scalar reference (math module, written from the spec table) ---------------
+def _sp(z):  # softplus
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+def _sig(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def _ref_loss(name, uw, ul, rw, rl, lw, ll, p):
+    M = (uw - rw) - (ul - rl)
+    b = p.get("beta")
+    if name == "dpo":
+        return _sp(-b * M)
+    if name == "cdpo":
+        return -p["alpha"] * math.log(_sig(b * M)) - (1 - p["alpha"]) * math.log(_sig(-b * M))
+    if name == "ipo":
+        return (M - 1 / (2 * p["tau"])) ** 2
+    if name == "ipo_mean":
+        return ((uw - rw) / lw - (ul - rl) / ll - 1 / (2 * p["tau"])) ** 2
+    if name == "hinge":
+        return max(0.0, 1 - b * M)
+    if name == "rdpo":
+        return -math.log(_sig(b * M + p["alpha"] * (lw - ll)))
+    if name == "simpo":
+        return -math.log(_sig(b * (uw / lw - ul / ll) - p["gamma"]))
+    if name == "dpop":
+        return -math.log(_sig(b * (M - p["lam"] * max(0.0, rw - uw))))
+    if name == "rpo":
+        return -math.log(_sig(b * M)) + p["lam"] * (-uw / lw)
+    if name == "cpo":
+        return -math.log(_sig(b * (uw - ul))) - p["lam"] * uw / lw
+    if name == "orpo":
+        lo = [m - math.log(1 - math.exp(m)) for m in (uw / lw, ul / ll)]
+        return -uw / lw - p["lam"] * math.log(_sig(lo[0] - lo[1]))
+    if name == "rrhf":
+        return max(0.0, ul / ll - uw / lw) - p["alpha"] * uw / lw
+    if name == "kto_paired":
+        return (p["lambda_d"] * (1 - _sig(b * (uw - rw) - p["z0"]))
+                + p["lambda_u"] * (1 - _sig(p["z0"] - b * (ul - rl))))
+    if name == "dpo_gamma":
+        return -math.log(_sig(b * ((uw - ul) + p["gamma"] * (rl - rw))))
+    if name == "sppo":
+        return 0.5 * ((uw - rw - 1 / (2 * b)) ** 2 + (ul - rl + 1 / (2 * b)) ** 2)
+    raise AssertionError(f"no scalar reference for {name}")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_values_match_scalar_reference(name):
+    x = {k: v[:12] for k, v in _inputs(3).items()}
+    kw = dict(TEST_KW.get(name, {}), **({"alpha": 0.8} if name == "cdpo" else {}))
+    p = resolve_kwargs(name, kw)
+    got = compute_loss(name, **x, **kw)
+    want = [_ref_loss(name, *(float(x[k][i]) for k in x), p) for i in range(12)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_defaults_follow_spec():
+    d = {k: v.defaults for k, v in LOSSES.items()}
+    assert d["dpo"]["beta"] == 0.1 and d["ipo"]["tau"] == 0.1 and d["simpo"]["gamma"] == 0.5
+    assert d["rdpo"]["alpha"] == 0.2 and d["dpop"]["lam"] == 50 and d["rrhf"]["alpha"] == 1
+    assert d["cpo"]["lam"] == 1 and d["rpo"]["lam"] == 1 and d["orpo"]["lam"] == 0.1
+    no_ref = {n for n, s in LOSSES.items() if not s.uses_reference}
+    assert no_ref == {"simpo", "cpo", "orpo", "rrhf"}
+
+
+def test_registry_size_and_docs():
+    assert len(LOSSES) >= 14
+    for name, spec in LOSSES.items():
+        assert spec.name == name and get_loss(name) is spec
+        assert any(str(y) in spec.doc for y in (2023, 2024)), name
+    with pytest.raises(Exception):
+        spec.name = "x"  # frozen
+
+
+# --- closed-form facts -------------------------------------------------------------------------
+def test_dpo_at_reference():
+    u = -torch.linspace(1, 40, 9, dtype=torch.float64)
+    v = -torch.linspace(3, 70, 9, dtype=torch.float64)
+    for beta in (0.1, 0.5, 2.0):
+        loss = compute_loss("dpo", u, v, u.clone(), v.clone(), beta=beta)
+        torch.testing.assert_close(loss, torch.full_like(u, math.log(2)), rtol=0, atol=1e-14)
+        aw, al = weights("dpo", u, v, u.clone(), v.clone(), beta=beta)
+        torch.testing.assert_close(aw, torch.full_like(u, beta / 2), rtol=0, atol=1e-14)
+        torch.testing.assert_close(al, torch.full_like(u, beta / 2), rtol=0, atol=1e-14)
+
+
+def test_dpo_gamma_limits():
+    x = _inputs(5)
+    for b in (0.1, 1.0):
+        torch.testing.assert_close(compute_loss("dpo_gamma", **x, beta=b, gamma=1.0),
+                                   compute_loss("dpo", **x, beta=b), rtol=1e-13, atol=0)
+        for a, c in zip(weights("dpo_gamma", **x, beta=b, gamma=1.0), weights("dpo", **x, beta=b)):
+            torch.testing.assert_close(a, c, rtol=1e-13, atol=0)
+    # γ = 0: reference has no effect and may be omitted
+    l0 = compute_loss("dpo_gamma", **x, gamma=0.0)
+    other = dict(x, u_ref_w=x["u_ref_w"] + 17.0, u_ref_l=x["u_ref_l"] - 5.0)
+    torch.testing.assert_close(l0, compute_loss("dpo_gamma", **other, gamma=0.0), rtol=0, atol=0)
+    torch.testing.assert_close(l0, compute_loss("dpo_gamma", x["u_w"], x["u_l"], gamma=0.0))
+    z = torch.zeros(N, dtype=torch.float64)
+    torch.testing.assert_close(l0, compute_loss("dpo", x["u_w"], x["u_l"], z, z))
+    with pytest.raises(ConfigError, match="reference"):
+        compute_loss("dpo_gamma", x["u_w"], x["u_l"], gamma=0.5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_cdpo_optimum_is_logit_alpha_over_beta(beta):
+    alpha = torch.tensor([0.05, 0.3, 0.5, 0.75, 0.9, 0.999], dtype=torch.float64)
+    m_star = torch.log(alpha / (1 - alpha)) / beta
+    zero = torch.zeros_like(alpha)
+    aw, al = weights("cdpo", m_star, zero, zero, zero, beta=beta, alpha=alpha)
+    torch.testing.assert_close(aw, zero, rtol=0, atol=1e-12)
+    torch.testing.assert_close(al, zero, rtol=0, atol=1e-12)
+    # derivative zero by autograd too, and a strict minimum (convex in M)
+    m = m_star.clone().requires_grad_(True)
+    def cdpo(mm):
+        return compute_loss("cdpo", mm, zero, zero, zero, beta=beta, alpha=alpha)
+
+    (g,) = torch.autograd.grad(cdpo(m).sum(), m)
+    torch.testing.assert_close(g, zero, rtol=0, atol=1e-12)
+    for d in (-0.3, 0.3):
+        assert (cdpo(m_star + d) > cdpo(m_star)).all()
+    # α = 1 (no smoothing) is DPO
+    one = torch.ones_like(alpha)
+    torch.testing.assert_close(compute_loss("cdpo", m_star, zero, zero, zero, beta=beta, alpha=one),
+                               compute_loss("dpo", m_star, zero, zero, zero, beta=beta))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_overflow_at_large_margin(name, dtype):
+    # β = 0.1, M = ±50000 ⇒ |βM| = 5000; ū < 0 throughout (ORPO needs it), lengths 1.
+    uw = torch.tensor([-1.0, -50001.0], dtype=dtype, requires_grad=True)
+    ul = torch.tensor([-50001.0, -1.0], dtype=dtype, requires_grad=True)
+    z = torch.zeros(2, dtype=dtype)
+    one = torch.ones(2, dtype=dtype)
+    kw = {"rdpo": {"alpha": 0.2}}.get(name, {})
+    loss = compute_loss(name, uw, ul, z, z, one, one, **kw)
+    gw, gl = torch.autograd.grad(loss.sum(), (uw, ul))
+    aw, al = weights(name, uw, ul, z, z, one, one, **kw)
+    for t in (loss, gw, gl, aw, al):
+        assert torch.isfinite(t).all(), (name, t)
+    loss = loss.detach()
+    if name in ("dpo", "dpo_gamma", "rdpo", "simpo"):  # sigmoid losses saturate at 0 and |z|
+        assert float(loss[0]) < 1e-3
+        assert abs(float(loss[1]) / 50000.0 - 0.1) < 1e-3
+    if name in ("rpo", "cpo"):  # NLL term only on the easy pair: λ·(−ū_w) = 1
+        assert abs(float(loss[0]) - 1.0) < 1e-3
+    if name == "cdpo":  # α = 0.9: (1 − α)·5000 on the right side, α·5000 on the wrong side
+        torch.testing.assert_close(loss, torch.tensor([500.0, 4500.0], dtype=dtype))
+    if name == "dpo":
+        torch.testing.assert_close(loss[1], torch.tensor(5000.0, dtype=dtype))
+        torch.testing.assert_close(aw, torch.tensor([0.0, 0.1], dtype=dtype))
+
+
+def test_orpo_log1mexp_is_stable_near_zero():
+    # ū close to 0 (very confident) and very negative; compare with a float64 brute-force value.
+    uw = torch.tensor([-1e-9, -1e-3, -30.0], dtype=torch.float64)
+    ul = torch.tensor([-2.0, -1e-6, -700.0], dtype=torch.float64)
+    one = torch.ones(3, dtype=torch.float64)
+    got = compute_loss("orpo", uw, ul, len_w=one, len_l=one, lam=0.5)
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50  # 50-digit reference: the naive float formula itself loses digits near ū = 0
+
+    def lo(m):
+        return m - mp.log(1 - mp.exp(m))
+
+    want = [float(-a + 0.5 * mp.log(1 + mp.exp(-(lo(mp.mpf(a)) - lo(mp.mpf(b))))))
+            for a, b in zip(uw.tolist(), ul.tolist())]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+    with pytest.raises(ConfigError, match="ū < 0"):
+        compute_loss("orpo", torch.zeros(3, dtype=torch.float64), ul, len_w=one, len_l=one)
+
+
+# --- configuration errors ----------------------------------------------------------------------
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ConfigError) as e:
+        get_loss("dpoo")
+    assert e.value.option == "loss" and "dpoo" in str(e.value)
+    assert set(e.value.allowed) == set(LOSSES) and "valid: cdpo" in str(e.value)
+    x = _inputs()
+    with pytest.raises(ConfigError, match="unknown loss"):
+        compute_loss("nope", **x)
+    with pytest.raises(ConfigError, match="unknown loss"):
+        weights("nope", **x)
+
+
+@pytest.mark.parametrize("name, kw, option", [
+    ("dpo", {"beta": 0.0}, "beta"), ("dpo", {"beta": -1}, "beta"),
+    ("dpo", {"beta": float("nan")}, "beta"), ("dpo", {"beta": float("inf")}, "beta"),
+    ("ipo", {"tau": 0}, "tau"), ("dpop", {"lam": -1.0}, "lam"),
+    ("orpo", {"lambda": float("nan")}, "lam"), ("cdpo", {"alpha": 1.5}, "alpha"),
+    ("cdpo", {"alpha": torch.tensor([0.5, -0.1])}, "alpha"), ("dpo", {"beta": "0.1"}, "beta"),
+    ("dpo", {"beta": True}, "beta"), ("simpo", {"gamma": float("nan")}, "gamma"),
+    ("kto_paired", {"lambda_u": -2}, "lambda_u"), ("rrhf", {"alpha": -1}, "alpha"),
+])
+def test_bad_params_raise(name, kw, option):
+    with pytest.raises(ConfigError) as e:
+        resolve_kwargs(name, kw)
+    assert e.value.option == option and name in str(e.value)
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        resolve_kwargs("dpop", {"betta": 0.2})
+    assert e.value.option == "betta" and e.value.allowed == ["beta", "lam"]
+    with pytest.raises(ConfigError, match="betta"):
+        compute_loss("dpo", *_inputs()["u_w"].split(N // 2), betta=1)
+
+
+def test_resolve_merges_defaults_and_alias():
+    assert resolve_kwargs("dpop", {"lambda": 5}) == {"beta": 0.1, "lam": 5}
+    assert resolve_kwargs("simpo", None) == {"beta": 0.1, "gamma": 0.5}
+    assert resolve_kwargs("rdpo", {"alpha": -0.1})["alpha"] == -0.1  # sign is a research knob
+
+
+def test_missing_reference_lengths_and_bad_shapes():
+    x = _inputs()
+    with pytest.raises(ConfigError, match="reference") as e:
+        compute_loss("dpo", x["u_w"], x["u_l"])
+    assert e.value.option == "u_ref_w"
+    with pytest.raises(ConfigError, match="reference"):
+        weights("ipo", x["u_w"], x["u_l"], x["u_ref_w"])
+    with pytest.raises(ConfigError, match="lengths"):
+        compute_loss("simpo", x["u_w"], x["u_l"])
+    compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"], len_l=x["len_l"])  # no ref needed
+    with pytest.raises(ConfigError, match="shape") as e:
+        compute_loss("dpo", x["u_w"], x["u_l"][:-1], x["u_ref_w"], x["u_ref_l"])
+    assert e.value.option == "u_l"
+    with pytest.raises(ConfigError, match="shape"):
+        compute_loss("dpo", x["u_w"][None], x["u_l"][None], x["u_ref_w"], x["u_ref_l"])
+    with pytest.raises(ConfigError, match="shape"):
+        compute_loss("dpo", x["u_w"], x["u_l"], x["u_ref_w"], x["u_ref_l"][:3])
+    with pytest.raises(ConfigError, match="shape"):
+        compute_loss("dpo", x["u_w"].tolist(), x["u_l"], x["u_ref_w"], x["u_ref_l"])
+    with pytest.raises(ConfigError, match="> 0"):
+        compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"] * 0, len_l=x["len_l"])
+    with pytest.raises(ConfigError, match="per-pair"):
+        compute_loss("cdpo", **x, alpha=torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_mixed_dtypes_promote():
+    x = _inputs()
+    l32 = compute_loss("dpo", x["u_w"].float(), x["u_l"].float(), x["u_ref_w"], x["u_ref_l"])
+    assert l32.dtype == torch.float64
+    as_long = compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"].long(),
+                           len_l=x["len_l"].long())
+    as_float = compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"], len_l=x["len_l"])
+    torch.testing.assert_close(as_long, as_float)
