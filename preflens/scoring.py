@@ -184,6 +184,11 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 weights; fp64 for fp64 weights (exact tests)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 class _TargetLogprob(torch.autograd.Function):
     """log softmax(h Wᵀ + b)[target] over vocabulary chunks, never holding [N, V] logits.
 
@@ -193,12 +198,13 @@ class _TargetLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, chunk):  # noqa: D401
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        acc = _acc_dtype(weight)
+        lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
         tgt_logit = torch.empty_like(lse)
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
+        w32 = weight.to(acc)
+        b32 = bias.to(acc) if bias is not None else None
         for s in range(0, h.shape[0], chunk):
-            logits = F.linear(h[s : s + chunk].float(), w32, b32)
+            logits = F.linear(h[s : s + chunk].to(acc), w32, b32)
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             tgt_logit[s : s + chunk] = logits.gather(1, target[s : s + chunk, None]).squeeze(1)
         ctx.save_for_backward(h, weight, bias, target, lse)
@@ -209,17 +215,18 @@ class _TargetLogprob(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, bias, target, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
+        acc = _acc_dtype(weight)
+        w32 = weight.to(acc)
+        b32 = bias.to(acc) if bias is not None else None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if (need_b and bias is not None) else None
         for s in range(0, h.shape[0], chunk):
-            h_c = h[s : s + chunk].float()
+            h_c = h[s : s + chunk].to(acc)
             logits = F.linear(h_c, w32, b32)
             d = torch.exp(logits - lse[s : s + chunk, None]).mul_(-grad_out[s : s + chunk, None])
-            d.scatter_add_(1, target[s : s + chunk, None], grad_out[s : s + chunk, None].float())
+            d.scatter_add_(1, target[s : s + chunk, None], grad_out[s : s + chunk, None].to(acc))
             if need_h:
                 grad_h[s : s + chunk] = (d @ w32).to(h.dtype)
             if need_w:
@@ -239,19 +246,20 @@ def target_logprobs(
     *,
     chunk_size: int = 2048,
 ) -> torch.Tensor:
-    """``[N]`` fp32 log softmax(h Wᵀ + b)[target] for rows ``h`` ``[N, d]``; differentiable.
+    """``[N]`` log softmax(h Wᵀ + b)[target] for rows ``h`` ``[N, d]``; differentiable.
 
     ``weight`` is the HF ``lm_head.weight`` ``[V, d]``. Logits are formed in fp32 from the stored
-    weights (so a bf16 model still gets an fp32 log-softmax) ``chunk_size`` rows at a time.
+    weights (so a bf16 model still gets an fp32 log-softmax; an fp64 model gets fp64)
+    ``chunk_size`` rows at a time.
     """
     if h.shape[0] == 0:
-        return h.new_zeros(0, dtype=torch.float32)
+        return h.new_zeros(0, dtype=_acc_dtype(weight))
     with torch.autocast(device_type=h.device.type, enabled=False):
         return _TargetLogprob.apply(h, weight, bias, target, max(1, int(chunk_size)))
 
 
 def token_logprobs(model, batch: Batch, *, chunk_size: int = 2048) -> torch.Tensor:
-    """``[B, S]`` fp32 log π(token j+1 | tokens ≤ j) at response-predicting positions, 0 elsewhere.
+    """``[B, S]`` fp32 (fp64 for an fp64 model) log π(token j+1 | tokens ≤ j) at response-predicting positions, 0 elsewhere.
 
     Differentiable with respect to the model's parameters; summing over S gives the summed
     sequence log-prob. Only response positions reach the unembedding (no ``[B, S, V]`` tensor).
@@ -263,7 +271,7 @@ def token_logprobs(model, batch: Batch, *, chunk_size: int = 2048) -> torch.Tens
         hidden[mask], head.weight, getattr(head, "bias", None), batch.targets[mask],
         chunk_size=chunk_size,
     )
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(mask.shape, dtype=lp.dtype, device=hidden.device)
     return out.masked_scatter(mask, lp)
 
 
