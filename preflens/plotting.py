@@ -1,0 +1,161 @@
+"""Figure helpers for the reproduction recipes: small, consistent, PNG only (Agg backend).
+
+Each helper draws one figure from plain arrays and writes it atomically (temp file + rename), so
+a killed run never leaves a half-written PNG behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "grouped_bars"]
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG at ``path`` atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def line_panels(
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    xlabel: str = "step",
+    ylabels: Mapping[str, str] | None = None,
+    title: str | None = None,
+    ncols: int | None = None,
+):
+    """One subplot per panel; each panel maps a series label to its y values (x = index)."""
+    n = len(panels)
+    ncols = ncols or min(n, 3)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        for label, ys in series.items():
+            ax.plot(np.arange(len(ys)), ys, label=label, lw=1.4)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if ylabels and name in ylabels:
+            ax.set_ylabel(ylabels[name])
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(
+    values,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    xticklabels: Sequence[str] | None = None,
+    yticklabels: Sequence[str] | None = None,
+    center_zero: bool = True,
+    cbar_label: str | None = None,
+):
+    """A diverging heatmap centred at 0 (blue positive, red negative) with a colour bar."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * values.shape[1] + 2), max(3, 0.35 * values.shape[0] + 1.5)))
+    if center_zero:
+        vmax = float(np.nanmax(np.abs(values))) or 1.0
+        im = ax.imshow(values, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    else:
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+    cbar = fig.colorbar(im, ax=ax)
+    if cbar_label:
+        cbar.set_label(cbar_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=90, fontsize=7)
+    if yticklabels is not None:
+        ax.set_yticks(range(len(yticklabels)), yticklabels, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_with_curve(
+    x,
+    y,
+    *,
+    curve: tuple[Sequence[float], Sequence[float]] | None = None,
+    colors=None,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    curve_label: str | None = None,
+    color_labels: Mapping[object, str] | None = None,
+):
+    """Scatter (optionally coloured by a category) with an analytic curve on top."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if colors is None:
+        ax.scatter(x, y, s=10, alpha=0.6)
+    else:
+        colors = np.asarray(colors)
+        for value in np.unique(colors):
+            sel = colors == value
+            label = color_labels.get(value, str(value)) if color_labels else str(value)
+            ax.scatter(x[sel], y[sel], s=10, alpha=0.6, label=label)
+    if curve is not None:
+        ax.plot(curve[0], curve[1], "k-", lw=1.5, label=curve_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if colors is not None or curve_label:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    ylabel: str,
+    title: str,
+    xlabel: str | None = None,
+):
+    """Grouped bar chart: one group per x label, one bar per series."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(groups) * max(1, len(series)) / 2 + 3), 3.6))
+    width = 0.8 / max(1, len(series))
+    xs = np.arange(len(groups))
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar(xs + (k - (len(series) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(xs, groups, rotation=30 if max(map(len, groups)) > 6 else 0, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

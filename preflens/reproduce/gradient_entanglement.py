@@ -1,0 +1,293 @@
+"""Recipe: gradient entanglement in margin-based preference losses, and a mitigation.
+
+Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
+Entanglement" (spec: ``shared/research/gradient_entanglement.md``). Steps:
+
+1. **Trajectories**: the same graded-answer pairs trained with DPO, IPO, SimPO, SLiC (hinge),
+   DPO-Positive, CPO and DPO with the pairwise-normalized gradient (spec §7), plain SGD for all
+   (the setting of the paper's first-order analysis), tracking the mean summed log π(y_w) and
+   log π(y_l) on the training pairs, and at a few checkpoints the per-pair gradient statistics
+   (⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖², cos; ghost method) with the predicted case counts (Table 1).
+2. **First-order sign agreement**: for each loss, one plain-SGD step on each pair alone; the
+   signs of the measured Δu_w, Δu_l against those predicted from the gradient statistics and the
+   loss weights (Eqs. 3–5 generalised).
+3. **Controlled token overlap** (paper §4.3): pairs whose responses differ in one token
+   (" Yes" vs " No") against the same pairs with a long shared suffix, scored without EOS so
+   that the one-token pairs really differ in exactly one token; cos and DPO's effect on the
+   chosen log-prob for each; a token-level gradient-similarity heatmap for one suffix pair.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from preflens import plotting
+from preflens.data import PreferencePair
+from preflens.dynamics import losses as loss_registry
+from preflens.models import load_model
+from preflens.reproduce.common import RecipeContext, format_table, toyworld_world
+from preflens.scoring import collate, encode, response_logprobs, token_logprobs
+
+PAPER = "gradient_entanglement"
+# name -> (registered loss, loss kwargs, pairwise_normalized)
+RUNS = {
+    "dpo": ("dpo", {"beta": 0.1}, False),
+    "ipo": ("ipo", {"tau": 0.1}, False),
+    "simpo": ("simpo", {"beta": 2.0, "gamma": 0.5}, False),
+    "slic": ("hinge", {"beta": 0.1}, False),
+    "dpop": ("dpop", {"beta": 0.1, "lam": 50.0}, False),
+    "cpo": ("cpo", {"beta": 0.1, "lam": 1.0}, False),
+    "dpo_pairwise_normalized": ("dpo", {"beta": 0.1}, True),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    n_pairs: int = 256
+    data_seed: int = 7
+    lr: float = 0.05            # plain SGD
+    epochs: int = 3
+    batch_size: int = 16
+    stats_pairs: int = 32       # pairs whose gradient statistics are tracked
+    stats_every: int = 8
+    sign_pairs: int = 48
+    sign_lr: float = 1e-3
+    overlap_pairs: int = 48
+    overlap_lr: float = 0.05
+    overlap_steps: int = 30
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(n_pairs=64, epochs=1, stats_pairs=8, stats_every=1000, sign_pairs=8,
+                   overlap_pairs=12, overlap_steps=6)
+
+
+class _StatsTracker:
+    """Callback: every ``every`` steps, mean log-probs on the training pairs and ghost gradient
+    statistics + predicted case counts on a fixed subset."""
+
+    def __init__(self, lm, pairs, stats_pairs, every, loss, kwargs):
+        self.lm, self.pairs, self.sub, self.every = lm, pairs, stats_pairs, every
+        self.loss, self.kwargs = loss, kwargs
+        self.ref = None
+        self.history: list[dict] = []
+
+    def record(self, step: int) -> None:
+        from preflens.dynamics.entanglement import case_counts, entanglement_case, pair_gradient_stats
+        from preflens.dynamics.entanglement import predict_first_order
+
+        prompts = [p.prompt for p in self.pairs]
+        s_w = response_logprobs(self.lm, prompts, [p.chosen for p in self.pairs], batch_size=64)
+        s_l = response_logprobs(self.lm, prompts, [p.rejected for p in self.pairs], batch_size=64)
+        if self.ref is None:
+            self.ref = (s_w.logp, s_l.logp)
+        st = pair_gradient_stats(self.lm, self.sub, method="ghost", batch_size=16)
+        k = len(self.sub)
+        spec = loss_registry.get_loss(self.loss)
+        refs = dict(u_ref_w=self.ref[0][:k], u_ref_l=self.ref[1][:k]) if spec.uses_reference else {}
+        d_w, d_l = predict_first_order(st, self.loss, lr=1.0, loss_kwargs=self.kwargs, **refs)
+        self.history.append({
+            "step": step,
+            "logp_chosen": float(s_w.logp.mean()), "logp_rejected": float(s_l.logp.mean()),
+            "mean_inner": float(st.inner.mean()), "mean_cos": float(st.cos.mean()),
+            "mean_norm_w_sq": float(st.norm_w_sq.mean()), "mean_norm_l_sq": float(st.norm_l_sq.mean()),
+            "case_counts": case_counts(entanglement_case(d_w, d_l)),
+        })
+
+    def on_step(self, state) -> None:
+        if state.step % self.every == 0:
+            self.record(state.step)
+
+    def on_end(self, state) -> None:
+        if not self.history or self.history[-1]["step"] != state.step:
+            self.record(state.step)
+
+
+def _trajectory_run(ctx, cfg, pairs, name) -> dict:
+    from preflens.dynamics.train import train_preference
+
+    loss, kwargs, normalized = RUNS[name]
+    lm = load_model(ctx.model, device=ctx.device)
+    tracker = _StatsTracker(lm, pairs, pairs[: cfg.stats_pairs], cfg.stats_every, loss, kwargs)
+    tracker.record(0)
+    train_preference(
+        lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=cfg.lr, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, seed=cfg.seed, pairwise_normalized=normalized,
+        max_grad_norm=10.0, callbacks=[tracker], out_dir=ctx.cache_dir / "runs" / name, resume=False,
+    )
+    h = tracker.history
+    return {
+        "chosen_delta": h[-1]["logp_chosen"] - h[0]["logp_chosen"],
+        "rejected_delta": h[-1]["logp_rejected"] - h[0]["logp_rejected"],
+        "case_counts": h[0]["case_counts"],
+        "case_counts_final": h[-1]["case_counts"],
+        "mean_cos_start": h[0]["mean_cos"], "mean_cos_end": h[-1]["mean_cos"],
+        "history": h,
+    }
+
+
+def _u(model, tokenizer, pairs, pad_id):
+    enc_w = encode(tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
+    enc_l = encode(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    batch = collate(enc_w + enc_l, pad_id=pad_id, device=next(model.parameters()).device)
+    u = token_logprobs(model, batch).double().sum(1)
+    lens = batch.response_lens.double()
+    n = len(pairs)
+    return u[:n], u[n:], lens[:n], lens[n:]
+
+
+def _sign_agreement(ctx, cfg, pairs) -> dict:
+    """Predicted vs measured signs of Δu_w, Δu_l after one SGD step on one pair (policy = ref)."""
+    from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order
+
+    lm = load_model(ctx.model, device=ctx.device, dtype=torch.float64)
+    sub = pairs[: cfg.sign_pairs]
+    stats = pair_gradient_stats(lm, sub, method="ghost")
+    out = {}
+    for name, (loss, kwargs, normalized) in RUNS.items():
+        if normalized:
+            continue
+        pred_w, pred_l = predict_first_order(stats, loss, lr=cfg.sign_lr, loss_kwargs=kwargs,
+                                             u_ref_w=stats.u_w, u_ref_l=stats.u_l)
+        agree = 0
+        for i, pair in enumerate(sub):
+            model = copy.deepcopy(lm.model)
+            u_w, u_l, len_w, len_l = _u(model, lm.tokenizer, [pair], lm.pad_id)
+            ref = (u_w.detach(), u_l.detach())
+            lv = loss_registry.compute_loss(loss, u_w, u_l, ref[0], ref[1], len_w, len_l, **kwargs)
+            lv.sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= cfg.sign_lr * p.grad
+                a_w, a_l, _, _ = _u(model, lm.tokenizer, [pair], lm.pad_id)
+            d_w, d_l = float(a_w - ref[0]), float(a_l - ref[1])
+            agree += int(np.sign(d_w) == np.sign(float(pred_w[i])) and np.sign(d_l) == np.sign(float(pred_l[i])))
+        out[name] = agree / len(sub)
+    return out
+
+
+def _overlap_pairs(world, n: int, seed: int, suffix: bool) -> list[PreferencePair]:
+    """Yes/no pairs; with ``suffix`` both answers continue with the same long explanation."""
+    from preflens.data.toyworld.prefs import YESNO_PROMPT
+
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        i = rng.randrange(len(world.countries))
+        country, capital = world.countries[i], world.capitals[i]
+        tail = f", the capital of {country} is {capital}. The capital of {country} is {capital}." if suffix else ""
+        out.append(PreferencePair(YESNO_PROMPT.format(country=country, city=capital),
+                                  " Yes" + tail, " No" + tail, id=f"overlap-{k}"))
+    return out
+
+
+def _overlap_experiment(ctx, cfg) -> dict:
+    from preflens.dynamics.entanglement import pair_gradient_stats
+    from preflens.dynamics.train import train_preference
+
+    world = toyworld_world()
+    out = {}
+    for kind, suffix in (("one_token", False), ("shared_suffix", True)):
+        pairs = _overlap_pairs(world, cfg.overlap_pairs, cfg.seed + 11, suffix)
+        lm = load_model(ctx.model, device=ctx.device)
+        st = pair_gradient_stats(lm, pairs, method="ghost", batch_size=16, add_eos=False)
+        prompts = [p.prompt for p in pairs]
+
+        def score(side):
+            return response_logprobs(lm, prompts, [getattr(p, side) for p in pairs], add_eos=False).logp
+
+        before, before_l = score("chosen"), score("rejected")
+        train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
+                         lr=cfg.overlap_lr, steps=cfg.overlap_steps, batch_size=16, seed=cfg.seed,
+                         add_eos=False, out_dir=ctx.cache_dir / "runs" / f"overlap-{kind}", resume=False)
+        after, after_l = score("chosen"), score("rejected")
+        out[kind] = {"mean_cos": float(st.cos.mean()), "frac_cos_positive": float((st.cos > 0).double().mean()),
+                     "chosen_delta": float((after - before).mean()),
+                     "rejected_delta": float((after_l - before_l).mean())}
+    return out
+
+
+def _token_heatmap(ctx, cfg) -> dict:
+    from preflens.dynamics.entanglement import token_gradient_similarity
+
+    lm = load_model(ctx.model, device=ctx.device)
+    pair = _overlap_pairs(toyworld_world(), 1, cfg.seed + 11, True)[0]
+    sim = token_gradient_similarity(lm, pair)
+    tok = lm.tokenizer
+    enc = encode(tok, [pair.prompt, pair.prompt], [pair.chosen, pair.rejected])  # EOS included, as sim
+    return {"cos": sim.cos.tolist(),
+            "chosen_tokens": [tok.decode([i]) for i in enc[0].response_ids],
+            "rejected_tokens": [tok.decode([i]) for i in enc[1].response_ids]}
+
+
+def run(ctx: RecipeContext, cfg: Config) -> dict:
+    from preflens.data.toyworld.prefs import multi_token_pairs
+
+    world = toyworld_world()
+    pairs = multi_token_pairs(world, cfg.n_pairs, seed=cfg.data_seed)
+    runs = {}
+    for name in tqdm(RUNS, desc="loss trajectories"):
+        runs[name] = ctx.step(f"trajectory-{name}", asdict(cfg), lambda: _trajectory_run(ctx, cfg, pairs, name))
+    sign = ctx.step("sign-agreement", asdict(cfg), lambda: _sign_agreement(ctx, cfg, pairs))
+    overlap = ctx.step("overlap", asdict(cfg), lambda: _overlap_experiment(ctx, cfg))
+    heat = ctx.step("token-heatmap", asdict(cfg), lambda: _token_heatmap(ctx, cfg))
+    plain = runs["dpo"]
+    mitigated = runs["dpo_pairwise_normalized"]
+    results = {
+        "model": ctx.model,
+        "config": asdict(cfg),
+        "losses": {n: {k: r[k] for k in ("chosen_delta", "rejected_delta", "case_counts", "case_counts_final",
+                                         "mean_cos_start", "mean_cos_end")} for n, r in runs.items()},
+        "first_order_sign_agreement": sign,
+        "overlap_experiment": overlap,
+        "normalized_mitigation": {
+            "dpo_chosen_delta": plain["chosen_delta"], "dpo_rejected_delta": plain["rejected_delta"],
+            "normalized_chosen_delta": mitigated["chosen_delta"],
+            "normalized_rejected_delta": mitigated["rejected_delta"],
+        },
+    }
+    _figures(ctx, runs, heat)
+    ctx.write_results(results)
+    return results
+
+
+def _figures(ctx, runs, heat) -> None:
+    panels = {
+        "mean log π(y_w)": {n: [h["logp_chosen"] for h in r["history"]] for n, r in runs.items()},
+        "mean log π(y_l)": {n: [h["logp_rejected"] for h in r["history"]] for n, r in runs.items()},
+        "mean cos(g_w, g_l)": {n: [h["mean_cos"] for h in r["history"]] for n, r in runs.items()},
+    }
+    fig = plotting.line_panels(panels, xlabel="record", title="chosen/rejected log-probs under margin losses (SGD)")
+    plotting.save_figure(fig, ctx.figure("trajectories"))
+    fig = plotting.heatmap(
+        np.asarray(heat["cos"]), xlabel="rejected token", ylabel="chosen token",
+        title="token-level gradient cosine (shared suffix pair)",
+        xticklabels=[t.strip() or repr(t) for t in heat["rejected_tokens"]],
+        yticklabels=[t.strip() or repr(t) for t in heat["chosen_tokens"]],
+    )
+    plotting.save_figure(fig, ctx.figure("token_similarity"))
+
+
+def summary(results: dict) -> str:
+    rows = [[n, r["chosen_delta"], r["rejected_delta"], r["mean_cos_start"],
+             " ".join(f"{k}:{v}" for k, v in r["case_counts"].items() if v)]
+            for n, r in results["losses"].items()]
+    t = format_table(rows, ["run", "Δ log π(y_w)", "Δ log π(y_l)", "mean cos", "predicted cases at init"])
+    ov = results["overlap_experiment"]
+    return (f"{t}\nsign agreement: " + ", ".join(f"{k} {v:.2f}" for k, v in results["first_order_sign_agreement"].items())
+            + f"\noverlap: one token cos {ov['one_token']['mean_cos']:.2f} Δchosen {ov['one_token']['chosen_delta']:.2f}; "
+            f"shared suffix cos {ov['shared_suffix']['mean_cos']:.2f} Δchosen {ov['shared_suffix']['chosen_delta']:.2f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from preflens.reproduce import script_main
+
+    raise SystemExit(script_main("gradient-entanglement"))

@@ -1,0 +1,87 @@
+"""Smoke test: `preflens reproduce all --quick` on toyworld writes every documented JSON key and
+figure, with every number finite (the README's JSON keys are the contract checked here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from preflens.cli import main
+
+EXPECTED = {
+    "likelihood_displacement": {
+        "keys": ["single_token", "ches_quantiles", "spearman_ches_vs_delta"],
+        "single_token": ["pair", "seed", "max_drop", "loss_monotone", "top_gaining", "overlap_at_10"],
+        "ches_quantiles": ["q", "mean_ches", "mean_delta_logp_chosen"],
+        "figures": ["single_token_similar", "single_token_dissimilar", "ches_quantiles"],
+    },
+    "ranking_accuracy": {
+        "keys": ["reference", "after_dpo", "fraction_flipped_to_correct",
+                 "fraction_flipped_to_incorrect", "fraction_incorrect_at_start"],
+        "figures": ["ranking_accuracy_during_dpo", "observed_vs_idealized", "dpo_loss_vs_c"],
+    },
+    "factual_recall": {
+        "keys": ["rates", "by_decile", "memory_heads", "in_context_heads", "scaling"],
+        "scaling": ["head", "alpha", "baseline_in_context_rate", "in_context_rate"],
+        "figures": ["head_attribution", "rates_by_frequency", "head_scaling"],
+    },
+    "gradient_entanglement": {
+        "keys": ["losses", "first_order_sign_agreement", "overlap_experiment", "normalized_mitigation"],
+        "figures": ["trajectories", "token_similarity"],
+    },
+}
+
+
+def _numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield float(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    assert main(["reproduce", "all", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("paper", list(EXPECTED))
+def test_quick_reproduction_outputs(quick_run, paper):
+    spec = EXPECTED[paper]
+    results = json.loads((quick_run / "results" / f"{paper}.json").read_text())
+    for key in spec["keys"]:
+        assert key in results, f"{paper}.json lacks {key}"
+    for section in ("single_token", "ches_quantiles"):
+        if section in spec:
+            assert results[section], section
+            for row in results[section]:
+                assert set(spec[section]) <= set(row), (section, row)
+    if "scaling" in spec:
+        assert set(spec["scaling"]) <= set(results["scaling"])
+    for block in ("reference", "after_dpo"):
+        if block in results:
+            assert {"ranking_accuracy", "ranking_accuracy_mean", "idealized"} <= set(results[block])
+            assert {"min", "median", "max", "per_beta"} <= set(results[block]["idealized"])
+    if paper == "gradient_entanglement":
+        for name in ("dpo", "ipo", "simpo", "slic", "dpop", "cpo", "dpo_pairwise_normalized"):
+            assert {"chosen_delta", "rejected_delta", "case_counts"} <= set(results["losses"][name])
+    assert all(math.isfinite(x) for x in _numbers(results)), paper
+    for fig in spec["figures"]:
+        path = quick_run / "figures" / paper / f"{fig}.png"
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_rerun_reuses_finished_steps(quick_run, capsys):
+    """A second run finds every step cached and rewrites identical results."""
+    before = (quick_run / "results" / "factual_recall.json").read_text()
+    assert main(["reproduce", "factual-recall", "--quick", "--out", str(quick_run), "--device", "cpu"]) == 0
+    assert (quick_run / "results" / "factual_recall.json").read_text() == before
