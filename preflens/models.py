@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -236,12 +238,20 @@ def _load_dir_model(path: Path, trust_remote_code: bool = False):
         raise ModelError(
             f"model directory {path} has no weights (expected one of {', '.join(_WEIGHT_FILES)})"
         )
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(path), trust_remote_code=trust_remote_code, use_safetensors=None
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"could not load the model in {path}: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a global
+        raise ModelError(
+            f"could not load the model in {path}: its pickle weights file holds objects other than "
+            "tensors and was refused (torch.load weights_only=True); use a safetensors copy"
+        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
+        raise ModelError(f"could not load the model in {path}: {reason}") from exc
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -302,9 +312,15 @@ def load_model(
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser().resolve()
         model = _load_dir_model(path, trust_remote_code)
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            # transformers would build an empty 1-token tokenizer instead of failing
+            raise ModelError(
+                f"model directory {path} has no tokenizer files (expected one of "
+                f"{', '.join(_TOKENIZER_FILES)})"
+            )
         tokenizer_dir = path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"model directory {path} has no loadable tokenizer: {exc}") from exc
     elif Path(name).expanduser().exists() or name.startswith(("/", "./", "../")):

@@ -180,7 +180,9 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     For GPT-2 this is ``GPT2Model``'s output (``ln_f`` applied), equal to HF ``hidden_states[-1]``
     and to the raw bridge's ``ln_final.hook_out``.
     """
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    out = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    )
     return out.last_hidden_state
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from preflens.data.io import atomic_write_text
@@ -69,8 +70,10 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
+    except OSError:
+        if not path.is_dir():  # a failed file fsync (EIO, ENOSPC) means lost data: never ignore it
+            raise
+        # some filesystems refuse fsync on directories
     finally:
         os.close(fd)
 
@@ -171,37 +174,48 @@ def save_checkpoint(
 
     ``meta`` (JSON-serializable: data cursor, config, ...) is stored in ``state.json`` together
     with the step, the optimizer's non-tensor state and the RNG states (captured here).
+
+    Raises:
+        TrainingError: naming the checkpoint when a write or fsync fails (disk full, I/O
+            error); the temporary directory is removed and earlier checkpoints stay intact.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_partial(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     rng_tensors, rng_meta = rng_state()
-    save_file(weights, str(tmp / "model.safetensors"))
-    _test_sleep(step)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"step": step, "meta": meta, "optimizer": opt_meta, "rng": rng_meta}
-    (tmp / "state.json").write_text(json.dumps(state))
-    for name in _FILES:
-        _fsync(tmp / name)
-    manifest = {
-        "step": step,
-        "files": {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in _FILES},
-    }
-    with open(tmp / "manifest.json", "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync(tmp)
-    if final.exists():  # re-saving a step (e.g. after a fallback): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
+    try:
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"))
+        _test_sleep(step)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+        for name in _FILES:
+            _fsync(tmp / name)
+        manifest = {
+            "step": step,
+            "files": {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in _FILES},
+        }
+        with open(tmp / "manifest.json", "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (e.g. after a fallback): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except (OSError, SafetensorError) as exc:  # disk full, I/O error, read-only: keep older ones
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(
+            f"could not write checkpoint {final}: {getattr(exc, 'strerror', None) or exc}; "
+            "earlier checkpoints are kept"
+        ) from exc
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 
-from preflens.errors import ConfigError, PreflensError
+from preflens.errors import ConfigError, DataError, PreflensError, TrainingError
 
 __all__ = ["register", "run_train", "main"]
 
@@ -63,7 +65,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "train", help="train a model on preference pairs (DPO and other pairwise losses)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", required=True, help="offline name, HF directory or hub id")
+    p.add_argument("--model", default="toyworld", help="offline name, HF directory or hub id (default: toyworld)")
     p.add_argument("--data", required=True, help="TRL-format JSONL (prompt/chosen/rejected)")
     p.add_argument("--eval-data", help="JSONL of held-out pairs (eval/* metrics)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
@@ -94,8 +96,65 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
                    help="save the final model to OUT/final-model (default on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a hub model / directory run its own Python code (default off)")
     p.set_defaults(func=run_train)
     return p
+
+
+_OPTION_FLAGS = {"pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out"}
+
+
+def _cli_error(exc: PreflensError, args, loss_kwargs: dict) -> PreflensError:
+    """Re-address an error of ``train_preference`` to what the user typed.
+
+    A ConfigError's option becomes the command-line flag (``batch_size`` → ``--batch-size``, a
+    loss parameter → ``--loss-kwarg KEY``); a DataError about the i-th pair gets the data file
+    and its line number.
+    """
+    if isinstance(exc, ConfigError):
+        from preflens.dynamics.losses import LOSSES
+
+        option = exc.option
+        if option in _OPTION_FLAGS:
+            flag = _OPTION_FLAGS[option]
+        elif option == "beta" and args.beta is not None:
+            flag = "--beta"
+        elif option in loss_kwargs or (args.loss in LOSSES and option in LOSSES[args.loss].defaults):
+            flag = f"--loss-kwarg {option}"
+        elif hasattr(args, option) and not option.startswith("-"):
+            flag = "--" + option.replace("_", "-")
+        else:
+            return exc
+        return ConfigError(flag, exc.reason, allowed=exc.allowed)
+    index = getattr(exc, "pair_index", None)
+    if isinstance(exc, DataError) and index is not None and exc.file is None:
+        from preflens.data.io import read_jsonl
+
+        path = args.data if getattr(exc, "split", "train") == "train" else args.eval_data
+        line = [n for n, _ in read_jsonl(path)][index]  # read_pairs keeps one pair per record
+        return DataError(exc.reason, file=path, line=line, field=exc.field)
+    return exc
+
+
+def _save_final_model(lm, out: Path) -> Path:
+    """Write ``out/final-model`` (HF format, safetensors) atomically: a temporary sibling, renamed."""
+    final, tmp, old = out / "final-model", out / f".tmp-final-model-{os.getpid()}", out / ".old-final-model"
+    for stale in out.glob(".tmp-final-model-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        lm.model.save_pretrained(tmp)  # transformers 5: always safetensors
+        lm.tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write the final model to {final}: {exc.strerror or exc} "
+                            "(the checkpoints are intact; rerun to retry)") from exc
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def run_train(args) -> int:
@@ -107,23 +166,24 @@ def run_train(args) -> int:
     kwargs = _loss_kwargs(args)
     pairs = read_pairs(args.data)
     eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     rank = int(os.environ.get("RANK", "0"))
     callbacks = [] if args.no_progress or rank != 0 else [_Progress()]
-    result = train_preference(
-        lm, pairs, loss=args.loss, loss_kwargs=kwargs, optimizer=args.optimizer, lr=args.lr,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, precision=args.precision,
-        compile=args.compile, seed=args.seed, eval_pairs=eval_pairs, eval_every=args.eval_every,
-        callbacks=callbacks, out_dir=args.out, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, pairwise_normalized=args.pairwise_normalized,
-        device=args.device, max_grad_norm=args.max_grad_norm,
-    )
+    try:
+        result = train_preference(
+            lm, pairs, loss=args.loss, loss_kwargs=kwargs, optimizer=args.optimizer, lr=args.lr,
+            schedule=args.schedule, warmup_steps=args.warmup_steps, steps=args.steps,
+            epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            precision=args.precision, compile=args.compile, seed=args.seed, eval_pairs=eval_pairs,
+            eval_every=args.eval_every, callbacks=callbacks, out_dir=args.out, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, pairwise_normalized=args.pairwise_normalized,
+            device=args.device, max_grad_norm=args.max_grad_norm,
+        )
+    except PreflensError as exc:
+        raise _cli_error(exc, args, kwargs) from None
     if rank == 0:
         if args.save_model:
-            final = os.path.join(args.out, "final-model")
-            lm.model.save_pretrained(final)
-            lm.tokenizer.save_pretrained(final)
+            _save_final_model(lm, Path(args.out))
         print(json.dumps({"steps": result.steps, "checkpoint": str(result.checkpoint_path),
                           **result.final_metrics}))
     return 0

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from preflens.dynamics import losses
 from preflens.dynamics.checkpoint import list_checkpoints, load_latest, save_checkpoint, truncate_metrics
 from preflens.dynamics.refcache import (autocast_for, data_digest, pair_logprobs, reference_logprobs,
                                         tf32_for)
-from preflens.errors import ConfigError, TrainingError
+from preflens.errors import ConfigError, DataError, ScoringError, TrainingError
 from preflens.scoring import Batch, collate, encode, length_buckets, token_logprobs
 
 __all__ = ["train_preference", "RunResult", "TrainState", "epoch_batches"]
@@ -137,6 +138,46 @@ def _metrics(s: list[float], prefix: str = "") -> dict[str, float]:
     return {prefix + k: v for k, v in m.items()}
 
 
+def _encode_side(lm, ps, side: str, split: str, add_eos: bool) -> list:
+    """Encode one side of ``ps``; a record that cannot be scored raises DataError naming it.
+
+    The error carries ``pair_index`` and ``split`` ("train"/"eval") so that a caller who knows
+    the file (the CLI) can name its line.
+    """
+    try:
+        return encode(lm.tokenizer, [p.prompt for p in ps], [getattr(p, side) for p in ps],
+                      max_length=lm.n_ctx, add_eos=add_eos)
+    except ScoringError as batch_exc:
+        for i, p in enumerate(ps):  # find the offending record (only on the error path)
+            try:
+                (e,) = encode(lm.tokenizer, [p.prompt], [getattr(p, side)], add_eos=add_eos)
+                reason = None if len(e) <= lm.n_ctx else (
+                    f"prompt ({len(e.prompt_ids)}) + {side} ({len(e.response_ids)}) tokens exceed the "
+                    f"context of model '{lm.name}' ({lm.n_ctx})")
+            except ScoringError as exc:
+                reason = str(exc).removeprefix("example 0: ")
+            if reason is not None:
+                name = f"{split} pair {i}" + (f" (id {p.id!r})" if p.id is not None else "")
+                err = DataError(f"{reason} [{name}]", field=side)
+                err.pair_index, err.split = i, split
+                raise err from None
+        raise batch_exc
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable (ConfigError naming it otherwise), before any work;
+    drop temporary files that a killed run's atomic writes left (``.*.tmp``, never read)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError("out_dir", f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+
+
 def _validate(o: dict) -> None:
     """ConfigError naming the first bad option of ``train_preference``'s arguments ``o``."""
     def bad(name, reason, allowed=None):
@@ -198,7 +239,10 @@ def train_preference(
     ``WORLD_SIZE`` > 1) it runs DDP (gloo on CPU, NCCL on GPU); only rank 0 writes files.
 
     Raises:
-        ConfigError: naming the bad option. TrainingError: non-finite loss/gradient (step named).
+        ConfigError: naming the bad option (``out_dir`` when it cannot be created or written).
+        DataError: a pair that cannot be scored (longer than the context), ``field`` = its side,
+        ``pair_index``/``split`` attributes name it. TrainingError: non-finite loss/gradient
+        (step named), a failed metrics/checkpoint write, an unreadable saved config on resume.
     """
     pairs, eval_pairs, callbacks = list(pairs), list(eval_pairs or []), list(callbacks)
     spec, kw = losses.get_loss(loss), losses.resolve_kwargs(loss, loss_kwargs)
@@ -224,16 +268,13 @@ def train_preference(
     policy = lm.model.to(device).eval().requires_grad_(True)  # eval = dropout off; grads still flow
     out_dir = Path(out_dir)
     ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     # ---------------------------------------------------------------- data and reference log-probs
-    def encode_pairs(ps):
-        prompts = [p.prompt for p in ps]
-        return tuple(encode(lm.tokenizer, prompts, [getattr(p, side) for p in ps], max_length=lm.n_ctx,
-                            add_eos=add_eos)
-                     for side in ("chosen", "rejected"))
+    def encode_pairs(ps, split):
+        return tuple(_encode_side(lm, ps, side, split, add_eos) for side in ("chosen", "rejected"))
 
-    (enc_w, enc_l), (ev_w, ev_l) = encode_pairs(pairs), encode_pairs(eval_pairs)
+    (enc_w, enc_l), (ev_w, ev_l) = encode_pairs(pairs, "train"), encode_pairs(eval_pairs, "eval")
+    if rank == 0:  # after the data checks: a rejected run leaves no output behind
+        _prepare_out_dir(out_dir)
     lengths, pad_id = [max(len(a), len(b)) for a, b in zip(enc_w, enc_l)], lm.pad_id
     steps_per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, parts))
     total_steps = steps if steps is not None else epochs * steps_per_epoch
@@ -279,7 +320,13 @@ def train_preference(
         for path in list_checkpoints(ckpt_root):
             shutil.rmtree(path)
     if resume and list_checkpoints(ckpt_root) and (out_dir / "config.json").is_file():
-        saved = json.loads((out_dir / "config.json").read_text())  # checked before any weight is loaded
+        try:  # checked before any weight is loaded
+            saved = json.loads((out_dir / "config.json").read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"cannot resume: {out_dir / 'config.json'} is unreadable ({exc}); pass "
+                                "resume=False (--no-resume) to start over") from None
         diff = [k for k in config if saved.get(k) != config[k]]
         if diff:
             raise ConfigError("resume", f"{out_dir} holds a run with different {', '.join(diff)}; pass "
@@ -388,8 +435,13 @@ def train_preference(
                 if hasattr(cb, "on_step"):
                     cb.on_step(state)
             if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
+                try:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                except OSError as exc:  # disk full: stop; a resume cuts the torn line off
+                    raise TrainingError(f"step {step + 1}: could not write {metrics_path}: "
+                                        f"{exc.strerror or exc}; last good checkpoint: {last_ckpt or 'none'}"
+                                        ) from exc
             if (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == total_steps:
                 if rank == 0:
                     epoch_done, position = divmod(step + 1, steps_per_epoch)
@@ -410,7 +462,10 @@ def train_preference(
         tf32.__exit__(None, None, None)
         policy.config.use_cache = use_cache
         if metrics_file is not None:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:  # the write error was already raised as TrainingError
+                pass
         if created_group:
             dist.destroy_process_group()
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
