@@ -206,7 +206,8 @@ def _overlap_experiment(ctx, cfg) -> dict:
 
         before, before_l = score("chosen"), score("rejected")
         train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
-                         lr=cfg.overlap_lr, steps=cfg.overlap_steps, batch_size=16, seed=cfg.seed,
+                         lr=cfg.overlap_lr, steps=cfg.overlap_steps, batch_size=min(16, len(pairs)),
+                         seed=cfg.seed,
                          add_eos=False, out_dir=ctx.cache_dir / "runs" / f"overlap-{kind}", resume=False)
         after, after_l = score("chosen"), score("rejected")
         out[kind] = {"mean_cos": float(st.cos.mean()), "frac_cos_positive": float((st.cos > 0).double().mean()),
