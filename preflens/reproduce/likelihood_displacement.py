@@ -50,22 +50,23 @@ PAIR_TYPES = {"similar (No vs Never)": (" No", " Never"), "dissimilar (Yes vs No
 
 @dataclass(frozen=True)
 class Config:
-    seeds: tuple = (9773, 5290, 8767, 9818, 7596)   # the paper's first five run seeds
+    seeds: tuple = (9773, 5290, 8767, 9818, 7596, 344, 2701, 3298, 7834, 6327)  # the paper's ten
     single_steps: int = 100
-    single_lr: float = 1e-4     # the paper's 1e-7 is for 1B+ models; toyworld needs larger steps
+    single_lr: float = 3e-5     # the paper's 1e-7 is for 1B+ models; toyworld needs larger steps
     beta: float = 0.1
-    n_multi: int = 1000
-    subset: int = 128
+    n_multi: int = 2000
+    subset: int = 200
     quantiles: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     multi_lr: float = 3e-5
     multi_epochs: int = 2
     multi_batch: int = 16
+    train_seeds: tuple = (0, 1, 2)  # DPO runs per subset, averaged
     data_seed: int = 548        # the paper's UltraFeedback sampling seed
 
     @classmethod
     def quick(cls) -> Config:
         return cls(seeds=(9773, 5290, 8767), single_steps=40, n_multi=240, subset=48,
-                   multi_epochs=1, quantiles=(0.0, 0.5, 1.0))
+                   multi_epochs=1, quantiles=(0.0, 0.5, 1.0), train_seeds=(0,))
 
 
 def _single_token_prompts(world, chosen: str, rejected: str, seeds) -> list:
@@ -126,19 +127,23 @@ def _single_run(ctx, cfg, pair, seed: int, name: str) -> dict:
 
 
 def _subset_delta(ctx, cfg, pairs, idx, name: str) -> float:
-    """Δ⁺ (nats) after DPO on ``pairs[idx]``: mean log π_θ(y⁺) − mean log π_ref(y⁺) on the subset."""
+    """Δ⁺ (nats) after DPO on ``pairs[idx]``: mean log π_θ(y⁺) − mean log π_ref(y⁺) on the subset
+    (summed log-probs, EOS included), averaged over ``cfg.train_seeds`` (batch order)."""
     from preflens.dynamics.train import train_preference
 
-    lm = load_model(ctx.model, device=ctx.device)
     subset = [pairs[i] for i in idx]
-    before = response_logprobs(lm, [p.prompt for p in subset], [p.chosen for p in subset]).logp
-    train_preference(
-        lm, subset, loss="dpo", loss_kwargs={"beta": cfg.beta}, optimizer="rmsprop", lr=cfg.multi_lr,
-        epochs=cfg.multi_epochs, batch_size=cfg.multi_batch, seed=0,
-        out_dir=ctx.cache_dir / "runs" / name, resume=False,
-    )
-    after = response_logprobs(lm, [p.prompt for p in subset], [p.chosen for p in subset]).logp
-    return float(after.mean() - before.mean())
+    prompts, chosen = [p.prompt for p in subset], [p.chosen for p in subset]
+    deltas = []
+    for seed in cfg.train_seeds:
+        lm = load_model(ctx.model, device=ctx.device)
+        before = response_logprobs(lm, prompts, chosen).logp
+        train_preference(
+            lm, subset, loss="dpo", loss_kwargs={"beta": cfg.beta}, optimizer="rmsprop",
+            lr=cfg.multi_lr, epochs=cfg.multi_epochs, batch_size=cfg.multi_batch, seed=seed,
+            out_dir=ctx.cache_dir / "runs" / f"{name}-{seed}", resume=False,
+        )
+        deltas.append(float(response_logprobs(lm, prompts, chosen).logp.mean() - before.mean()))
+    return sum(deltas) / len(deltas)
 
 
 def _spearman(x, y) -> float:
@@ -180,10 +185,23 @@ def run(ctx: RecipeContext, cfg: Config) -> dict:
                        "mean_delta_logp_chosen": r["mean_delta_logp_chosen"]} for r in quantile_rows["ches"]]
     rho = {m: _spearman([r["mean_score"] for r in rows], [r["mean_delta_logp_chosen"] for r in rows])
            for m, rows in quantile_rows.items()}
+    by_pair = {}
+    for name in PAIR_TYPES:
+        runs = [r for r in single if r["pair"] == name]
+        kept = [r for r in runs if r["loss_monotone"]]  # the paper's run filter
+        by_pair[name] = {
+            "runs": len(runs), "runs_loss_monotone": len(kept),
+            "mean_max_drop_monotone": float(np.mean([r["max_drop"] for r in kept])) if kept else 0.0,
+            "runs_with_drop_over_0.1_monotone": sum(r["max_drop"] > 0.1 for r in kept),
+            "mean_p_chosen_start": float(np.mean([r["p_chosen_start"] for r in runs])),
+            "mean_p_chosen_end": float(np.mean([r["p_chosen_end"] for r in runs])),
+            "mean_overlap_at_10": float(np.mean([r["overlap_at_10"] for r in runs])),
+        }
     results = {
         "model": ctx.model,
         "config": asdict(cfg),
         "single_token": [{k: v for k, v in r.items() if k != "trajectory"} for r in single],
+        "single_token_summary": by_pair,
         "ches_quantiles": ches_quantiles,
         "spearman_ches_vs_delta": rho["ches"],
         "baseline_quantiles": {m: quantile_rows[m] for m in measures if m != "ches"},
@@ -219,6 +237,11 @@ def summary(results: dict) -> str:
              ", ".join(t["token"].strip() or repr(t["token"]) for t in r["top_gaining"][:3])]
             for r in results["single_token"]]
     t1 = format_table(rows, ["pair", "seed", "max drop π(y⁺)", "loss monotone", "overlap@10", "top gainers"])
+    rows = [[n, s["runs_loss_monotone"], s["mean_max_drop_monotone"], s["runs_with_drop_over_0.1_monotone"],
+             s["mean_p_chosen_start"], s["mean_p_chosen_end"], s["mean_overlap_at_10"]]
+            for n, s in results["single_token_summary"].items()]
+    t1 += "\n\n" + format_table(rows, ["pair", "monotone runs", "mean drop", "drops > 0.1",
+                                       "π(y⁺) start", "π(y⁺) end", "overlap@10"])
     rows = [[r["q"], r["mean_ches"], r["mean_delta_logp_chosen"]] for r in results["ches_quantiles"]]
     t2 = format_table(rows, ["CHES quantile", "mean CHES", "Δ mean log π(y⁺)"])
     return f"{t1}\n\n{t2}\nSpearman(quantile, Δ⁺): CHES {results['spearman_ches_vs_delta']:.2f}; " + ", ".join(
