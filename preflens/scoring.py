@@ -18,8 +18,9 @@ Conventions (every probe, the training loop and the reproduction scripts share t
 * **Sequence log-prob** ``logp`` = Σ over those R positions of log π(token | prefix): a *sum*,
   never a mean; ``mean_logp`` = logp / R. Log-softmax is taken in fp32 (accumulated in fp64)
   even when the model runs in bf16.
-* **Padding.** Batches are right-padded with an attention mask; GPT-2's absolute positions then
-  equal the unpadded ones, so batched scores equal per-example unpadded scores (tested ≤ 1e-5).
+* **Padding.** Batches are right-padded; GPT-2's absolute positions then equal the unpadded ones
+  and, under the causal mask, no real position sees a pad, so batched scores equal per-example
+  unpadded scores (tested ≤ 1e-5) without an attention mask (see :func:`final_hidden`).
 """
 
 from __future__ import annotations
@@ -179,10 +180,14 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
 
     For GPT-2 this is ``GPT2Model``'s output (``ln_f`` applied), equal to HF ``hidden_states[-1]``
     and to the raw bridge's ``ln_final.hook_out``.
+
+    No attention mask is passed: batches are right-padded (:func:`collate`), so under the causal
+    mask a real position only ever attends to earlier, real positions, and the default position
+    ids 0 … S−1 are the unpadded ones. The outputs at real positions are therefore exactly those
+    of per-example unpadded runs, while attention takes the fused causal kernel instead of the
+    slower masked path (pad positions produce values that are never read).
     """
-    out = model.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    )
+    out = model.base_model(input_ids=batch.input_ids, use_cache=False)
     return out.last_hidden_state
 
 
@@ -277,12 +282,41 @@ def token_logprobs(model, batch: Batch, *, chunk_size: int = 2048) -> torch.Tens
     return out.masked_scatter(mask, lp)
 
 
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted, longest first) to cut padding."""
+def length_buckets(
+    lengths: Sequence[int], batch_size: int, *, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, longest first) to cut padding.
+
+    A batch holds at most ``batch_size`` sequences and, when ``max_tokens`` is given, at most
+    ``max_tokens`` padded tokens (rows × longest row; a single longer sequence still gets its
+    own batch). On a CPU large padded batches fall out of cache and run slower per token than
+    single sequences, so the scoring functions cap batches at :data:`CPU_MAX_TOKENS` there.
+    """
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be a positive integer, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError("max_tokens", f"must be a positive integer, got {max_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        too_many = len(current) >= batch_size
+        too_big = max_tokens is not None and (len(current) + 1) * longest > max_tokens
+        if current and (too_many or too_big):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+CPU_MAX_TOKENS = 1024
+
+
+def _token_budget(lm) -> int | None:
+    return CPU_MAX_TOKENS if lm.device.type == "cpu" else None
 
 
 def _encode_for(lm, prompts, responses, add_eos, truncate) -> list[Encoded]:
@@ -315,7 +349,8 @@ def response_logprobs(
     was_training = lm.model.training
     lm.model.eval()
     try:
-        for idx in length_buckets([len(e) for e in encoded], batch_size):
+        lengths = [len(e) for e in encoded]
+        for idx in length_buckets(lengths, batch_size, max_tokens=_token_budget(lm)):
             batch = collate([encoded[i] for i in idx], pad_id=lm.pad_id, device=lm.device)
             lp = token_logprobs(lm.model, batch).cpu()
             for row, i in enumerate(idx):
@@ -349,7 +384,8 @@ def response_hidden_states(
     was_training = lm.model.training
     lm.model.eval()
     try:
-        for idx in length_buckets([len(e) for e in encoded], batch_size):
+        lengths = [len(e) for e in encoded]
+        for idx in length_buckets(lengths, batch_size, max_tokens=_token_budget(lm)):
             batch = collate([encoded[i] for i in idx], pad_id=lm.pad_id, device=lm.device)
             hidden = final_hidden(lm.model, batch).float().cpu()
             for row, i in enumerate(idx):

@@ -138,3 +138,18 @@ def test_too_long_raises_or_truncates_left(tiny):
 def test_empty_prompt_is_an_error(tiny):
     with pytest.raises(ScoringError, match="empty prompt"):
         response_logprobs(tiny, [""], [" yes"])
+
+
+def test_length_buckets_respect_batch_size_and_token_budget():
+    from preflens.scoring import length_buckets
+
+    lengths = [5, 300, 40, 41, 7, 120, 2, 600]
+    batches = length_buckets(lengths, 3, max_tokens=256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * longest <= 256)
+        # longest first within and across batches (similar lengths together)
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    assert length_buckets(lengths, 100) == [sorted(range(8), key=lambda i: -lengths[i])]
