@@ -325,6 +325,19 @@ def _encode_for(lm, prompts, responses, add_eos, truncate) -> list[Encoded]:
     )
 
 
+def _eval_batches(lm, encoded: Sequence[Encoded], batch_size: int):
+    """Yield ``(indices, batch)`` over length buckets with ``lm.model`` in eval mode; the model's
+    previous train/eval mode is restored afterwards."""
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        lengths = [len(e) for e in encoded]
+        for idx in length_buckets(lengths, batch_size, max_tokens=_token_budget(lm)):
+            yield idx, collate([encoded[i] for i in idx], pad_id=lm.pad_id, device=lm.device)
+    finally:
+        lm.model.train(was_training)
+
+
 @torch.no_grad()
 def response_logprobs(
     lm,
@@ -346,19 +359,12 @@ def response_logprobs(
     t_max = max((len(e.response_ids) for e in encoded), default=0)
     tok_lp = torch.zeros((n, t_max), dtype=torch.float32)
     mask = torch.zeros((n, t_max), dtype=torch.bool)
-    was_training = lm.model.training
-    lm.model.eval()
-    try:
-        lengths = [len(e) for e in encoded]
-        for idx in length_buckets(lengths, batch_size, max_tokens=_token_budget(lm)):
-            batch = collate([encoded[i] for i in idx], pad_id=lm.pad_id, device=lm.device)
-            lp = token_logprobs(lm.model, batch).cpu()
-            for row, i in enumerate(idx):
-                p, r = len(encoded[i].prompt_ids), len(encoded[i].response_ids)
-                tok_lp[i, :r] = lp[row, p - 1 : p + r - 1]
-                mask[i, :r] = True
-    finally:
-        lm.model.train(was_training)
+    for idx, batch in _eval_batches(lm, encoded, batch_size):
+        lp = token_logprobs(lm.model, batch).cpu()
+        for row, i in enumerate(idx):
+            p, r = len(encoded[i].prompt_ids), len(encoded[i].response_ids)
+            tok_lp[i, :r] = lp[row, p - 1 : p + r - 1]
+            mask[i, :r] = True
     n_tokens = mask.sum(1)
     logp = tok_lp.double().sum(1)
     return ResponseScores(tok_lp, mask, logp, logp / n_tokens.clamp(min=1), n_tokens)
@@ -381,16 +387,9 @@ def response_hidden_states(
     """
     encoded = _encode_for(lm, prompts, responses, add_eos, truncate)
     out: list[torch.Tensor | None] = [None] * len(encoded)
-    was_training = lm.model.training
-    lm.model.eval()
-    try:
-        lengths = [len(e) for e in encoded]
-        for idx in length_buckets(lengths, batch_size, max_tokens=_token_budget(lm)):
-            batch = collate([encoded[i] for i in idx], pad_id=lm.pad_id, device=lm.device)
-            hidden = final_hidden(lm.model, batch).float().cpu()
-            for row, i in enumerate(idx):
-                p, r = len(encoded[i].prompt_ids), len(encoded[i].response_ids)
-                out[i] = hidden[row, p - 1 : p + r - 1].clone()
-    finally:
-        lm.model.train(was_training)
+    for idx, batch in _eval_batches(lm, encoded, batch_size):
+        hidden = final_hidden(lm.model, batch).float().cpu()
+        for row, i in enumerate(idx):
+            p, r = len(encoded[i].prompt_ids), len(encoded[i].response_ids)
+            out[i] = hidden[row, p - 1 : p + r - 1].clone()
     return out  # type: ignore[return-value]
