@@ -202,11 +202,12 @@ def main(argv=None) -> dict:
         try:
             if not args.no_warmup:
                 runners[name](enc_w[:1], enc_l[:1])
-            times = []
-            for rep in range(max(1, args.repeat)):
+            times, peaks = [], []
+            for _ in range(max(1, args.repeat)):
                 out, dt, p = measure(lambda: runners[name](enc_w, enc_l), device)
                 times.append(dt)
-                peak = p if rep == 0 else peak
+                peaks.append(p)
+            peak = peaks[0]
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:  # keep the other methods' numbers
             rows.append({"method": name, "error": f"out of memory: {exc}".splitlines()[0]})
             if gpu:

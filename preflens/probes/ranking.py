@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -26,9 +26,30 @@ from typing import Any
 from preflens.data.io import write_json
 from preflens.errors import ConfigError, DataError
 
-__all__ = ["RecipeContext", "format_table", "check_finite", "config_hash", "toyworld_world"]
+__all__ = [
+    "RecipeContext", "ProgressCallback", "format_table", "check_finite", "config_hash", "toyworld_world",
+]
 
 log = logging.getLogger(__name__)
+
+
+class ProgressCallback:
+    """Training-loop callback drawing a tqdm bar over the run's steps."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def on_step(self, state) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.total_steps, desc=self.desc, initial=state.step - 1)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{state.metrics.get('loss', float('nan')):.4f}", refresh=False)
+
+    def on_end(self, state) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def toyworld_world():

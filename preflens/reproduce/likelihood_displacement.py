@@ -23,7 +23,6 @@ import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from preflens import plotting

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from preflens import plotting
 from preflens.models import load_model
@@ -37,7 +36,7 @@ from preflens.probes.ranking import (
     ranking_correct,
 )
 from preflens.probes.trackers import RankingTracker
-from preflens.reproduce.common import RecipeContext, format_table, toyworld_world
+from preflens.reproduce.common import ProgressCallback, RecipeContext, format_table, toyworld_world
 from preflens.scoring import response_logprobs
 
 PAPER = "ranking_accuracy"
@@ -105,7 +104,8 @@ def run(ctx: RecipeContext, cfg: Config) -> dict:
     result = train_preference(
         lm, pairs, loss="dpo", loss_kwargs={"beta": cfg.dpo_beta}, optimizer=cfg.optimizer,
         lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        callbacks=[tracker], out_dir=ctx.cache_dir / "dpo_run", resume=False,
+        callbacks=[tracker, ProgressCallback("DPO (tracking ranking accuracy)")],
+        out_dir=ctx.cache_dir / "dpo_run", resume=False,
     )
     a_w, a_l = _scores(lm, pairs)
     correct_now = ranking_correct(a_w.logp, a_l.logp)

@@ -235,7 +235,7 @@ def test_convention_a_left_padded(tiny):
 
     lm, pairs = tiny
     tok, eos = lm.tokenizer, lm.tokenizer.eos_token_id
-    seqs, starts = {}, {}
+    seqs = {}
     for which in ("chosen", "rejected"):
         rows = [_ids(tok, p.prompt) + _ids(tok, getattr(p, which)) + [eos] for p in pairs]
         width = max(map(len, rows))
