@@ -25,27 +25,26 @@ def gpt2_weights_cached() -> bool:
     return have_weights and have_tok
 
 
+_MISSING = (
+    "real GPT-2 small weights are not in the local Hugging Face cache (no hub here); run "
+    "`python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('gpt2')\"` "
+    "with network access to enable"
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    if gpt2_weights_cached():
+    if gpt2_weights_cached() or os.environ.get("PREFLENS_REQUIRE_GPT2") == "1":
         return
-    if os.environ.get("PREFLENS_REQUIRE_GPT2") == "1":
-        for item in items:
-            if "gpt2" in item.keywords:
-                item.add_marker(pytest.mark.usefixtures("_require_gpt2_fail"))
-        return
-    skip = pytest.mark.skip(
-        reason="real GPT-2 small weights are not in the local Hugging Face cache "
-        "(no hub here); run `python -c \"import transformers as t; "
-        "t.AutoModelForCausalLM.from_pretrained('gpt2')\"` with network access to enable"
-    )
     for item in items:
         if "gpt2" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.skip(reason=_MISSING))
 
 
-@pytest.fixture
-def _require_gpt2_fail():
-    pytest.fail("PREFLENS_REQUIRE_GPT2=1 but the GPT-2 small weights are not in the local cache")
+def pytest_runtest_setup(item):
+    """PREFLENS_REQUIRE_GPT2=1 turns the skip of a `gpt2` test into a failure with the reason."""
+    if "gpt2" in item.keywords and os.environ.get("PREFLENS_REQUIRE_GPT2") == "1":
+        if not gpt2_weights_cached():
+            pytest.fail("PREFLENS_REQUIRE_GPT2=1 but " + _MISSING, pytrace=False)
 
 
 @pytest.fixture(scope="session")
