@@ -20,7 +20,7 @@ Conventions (every probe, the training loop and the reproduction scripts share t
   even when the model runs in bf16.
 * **Padding.** Batches are right-padded; GPT-2's absolute positions then equal the unpadded ones
   and, under the causal mask, no real position sees a pad, so batched scores equal per-example
-  unpadded scores (tested ≤ 1e-5) without an attention mask (see :func:`final_hidden`).
+  unpadded scores (tested ≤ 1e-5) without a padding mask (see :func:`final_hidden`).
 """
 
 from __future__ import annotations
@@ -181,13 +181,15 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     For GPT-2 this is ``GPT2Model``'s output (``ln_f`` applied), equal to HF ``hidden_states[-1]``
     and to the raw bridge's ``ln_final.hook_out``.
 
-    No attention mask is passed: batches are right-padded (:func:`collate`), so under the causal
-    mask a real position only ever attends to earlier, real positions, and the default position
-    ids 0 … S−1 are the unpadded ones. The outputs at real positions are therefore exactly those
-    of per-example unpadded runs, while attention takes the fused causal kernel instead of the
-    slower masked path (pad positions produce values that are never read).
+    The padding mask is not needed: batches are right-padded (:func:`collate`), so under the
+    causal mask a real position only ever attends to earlier, real positions, and the default
+    position ids 0 … S−1 are the unpadded ones. The outputs at real positions are therefore
+    exactly those of per-example unpadded runs (pad positions produce values never read).
     """
-    out = model.base_model(input_ids=batch.input_ids, use_cache=False)
+    # An all-ones mask says "no padding to hide", which is exact here (see above) and keeps
+    # transformers from warning that a pad id appears without a mask.
+    ones = torch.ones_like(batch.input_ids)
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=ones, use_cache=False)
     return out.last_hidden_state
 
 
