@@ -43,15 +43,19 @@ def line_panels(
     ylabels: Mapping[str, str] | None = None,
     title: str | None = None,
     ncols: int | None = None,
+    x: Mapping[str, Sequence[float]] | None = None,
 ):
-    """One subplot per panel; each panel maps a series label to its y values (x = index)."""
+    """One subplot per panel; each panel maps a series label to its y values.
+
+    ``x`` optionally maps a panel name to its x values (default: 0, 1, 2, … = the index)."""
     n = len(panels)
     ncols = ncols or min(n, 3)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, (name, series) in zip(axes.flat, panels.items()):
         for label, ys in series.items():
-            ax.plot(np.arange(len(ys)), ys, label=label, lw=1.4)
+            xs = x[name] if x and name in x else np.arange(len(ys))
+            ax.plot(xs, ys, label=label, lw=1.4, marker="." if x and name in x else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
         if ylabels and name in ylabels:

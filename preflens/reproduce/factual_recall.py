@@ -175,15 +175,16 @@ def _figures(ctx, results, attribution) -> None:
             title="counterfactual answers by training frequency",
         )
         plotting.save_figure(fig, ctx.figure("rates_by_frequency"))
-    panels = {}
+    panels, xs = {}, {}
     for name in ("memory_head", "in_context_head"):
         sweep = results["sweeps"][name]
         l, h = sweep["head"]
         rows = sorted(sweep["rows"], key=lambda r: r["alpha"])
-        panels[f"{name.replace('_', ' ')} L{l}H{h}"] = {
-            k: [r[k] for r in rows] for k in ("in_context", "memorized", "neither")}
-    fig = plotting.line_panels(panels, xlabel="α index (see results JSON for values)",
-                               title="scaling one head's hook_v by α")
+        key = f"{name.replace('_', ' ')} L{l}H{h}"
+        panels[key] = {k: [r[k] for r in rows] for k in ("in_context", "memorized", "neither")}
+        xs[key] = [r["alpha"] for r in rows]
+    fig = plotting.line_panels(panels, x=xs, xlabel="α (scale of the head's hook_v)",
+                               title="scaling one head's hook_v by α (tuning prompts)")
     plotting.save_figure(fig, ctx.figure("head_scaling"))
 
 

@@ -266,7 +266,9 @@ def _figures(ctx, runs, heat) -> None:
         "mean log π(y_l)": {n: [h["logp_rejected"] for h in r["history"]] for n, r in runs.items()},
         "mean cos(g_w, g_l)": {n: [h["mean_cos"] for h in r["history"]] for n, r in runs.items()},
     }
-    fig = plotting.line_panels(panels, xlabel="record", title="chosen/rejected log-probs under margin losses (SGD)")
+    steps = [h["step"] for h in next(iter(runs.values()))["history"]]
+    fig = plotting.line_panels(panels, x={k: steps for k in panels}, xlabel="SGD step",
+                               title="chosen/rejected log-probs under margin losses (SGD)")
     plotting.save_figure(fig, ctx.figure("trajectories"))
     fig = plotting.heatmap(
         np.asarray(heat["cos"]), xlabel="rejected token", ylabel="chosen token",

@@ -158,7 +158,7 @@ def _figures(ctx, cfg, results, c, loss_final, correct_now, correct_ref) -> None
             "R̃ (mean)": [t["ranking_accuracy_mean"] for t in traj],
             "idealized R* (median β)": [results["reference"]["idealized"]["median"]] * len(traj),
         }},
-        xlabel=f"record (every {cfg.track_every} steps)",
+        x={"ranking accuracy during DPO": [t["step"] for t in traj]}, xlabel="DPO step",
     )
     plotting.save_figure(fig, ctx.figure("ranking_accuracy_during_dpo"))
     groups = ["reference", "after DPO"]
