@@ -46,15 +46,6 @@ def _pairs() -> list[PreferencePair]:
             for i in range(11)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (the machine is shared; also makes CPU reductions reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_two_process_gloo_matches_single_process(tmp_path):
     script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
     script.write_text(WORKER)

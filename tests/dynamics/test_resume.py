@@ -84,15 +84,6 @@ def reference(tmp_path_factory):
     return res
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (the machine is shared; also makes CPU reductions reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _launch(tmp_path: Path, out: Path, **env) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -41,15 +41,6 @@ def base():
     return load_model("tiny-random", device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (the machine is shared; also makes CPU reductions reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _u_and_grad(lm, pair, response, grad=True):
     """Float64 summed log-prob (EOS counted) via full HF logits, and its flat gradient."""
     b = collate(encode(lm.tokenizer, [pair.prompt], [response]), pad_id=lm.pad_id)
