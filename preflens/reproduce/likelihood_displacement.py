@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from preflens import plotting
+from preflens.errors import ConfigError
 from preflens.models import load_model
 from preflens.probes.ches import (
     ches_for_pairs,
@@ -95,7 +96,8 @@ def _single_run(ctx, cfg, pair, seed: int, name: str) -> dict:
     pos = tok(pair.chosen, add_special_tokens=False)["input_ids"]
     neg = tok(pair.rejected, add_special_tokens=False)["input_ids"]
     if len(pos) != 1 or len(neg) != 1:
-        raise ValueError(f"{pair.chosen!r}/{pair.rejected!r} are not single tokens for {ctx.model}")
+        raise ConfigError("--model", f"{pair.chosen!r} and {pair.rejected!r} must each be one token "
+                          f"for the single-token experiment; the tokenizer of {ctx.model} splits them")
     alignment = unembedding_alignment_from_lm(lm, pos[0], neg[0])
     tracker = DisplacementTracker(lm, [pair], every=1)
     tracker.record(lm.model, 0)
