@@ -27,6 +27,7 @@ if it has one, else 1.0 (reference-free losses: β·u); ``rewards/accuracies`` =
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -467,6 +468,12 @@ def train_preference(
             except OSError:  # the write error was already raised as TrainingError
                 pass
         if created_group:
+            # Free DDP's reducer while the group is still registered, and let gloo's worker
+            # threads finish releasing completed work (they need the GIL) before the group's
+            # destructor joins them: otherwise teardown can deadlock (seen in CI under load).
+            model = None
+            gc.collect()
+            time.sleep(0.2)
             dist.destroy_process_group()
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     return RunResult(history[-1] if history else {}, metrics_path, last_ckpt, total_steps, history)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,12 +52,17 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     script.write_text(WORKER)
     write_pairs(data, _pairs())
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(data), str(tmp_path / "ddp"), json.dumps(CONFIG)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(data), str(tmp_path / "ddp"), json.dumps(CONFIG)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
+        _, stderr = proc.communicate()
+        pytest.fail(f"2-process DDP run timed out:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     pairs = _pairs()
     single = train_preference(load_model("tiny-random", device="cpu"), pairs[:8], eval_pairs=pairs[8:],
                               eval_every=1, out_dir=tmp_path / "single", **CONFIG)
