@@ -1,5 +1,6 @@
 """Preference-data schemas, JSONL I/O, shipped data (capitals) and the toy-world generator."""
 
+from preflens.data.adapters import FORMATS, load_pairs, load_rankings
 from preflens.data.io import (
     atomic_write_bytes,
     atomic_write_text,
@@ -14,6 +15,9 @@ from preflens.data.schemas import VOTE_LABELS, PreferencePair, RankedResponses, 
 
 __all__ = [
     "PreferencePair",
+    "FORMATS",
+    "load_pairs",
+    "load_rankings",
     "RankedResponses",
     "VOTE_LABELS",
     "render_messages",

@@ -1,0 +1,485 @@
+"""Adapters from the public preference datasets to :class:`PreferencePair` / :class:`RankedResponses`.
+
+Sources (``source`` argument of :func:`load_pairs` / :func:`load_rankings`):
+
+* a local ``.jsonl`` file (errors name ``file:line``, 1-based lines), a ``.json`` file holding
+  one array of objects or JSON lines, a ``.parquet`` file, or a folder written by
+  ``datasets.Dataset.save_to_disk`` (errors name ``file: row i``, the 0-based row index);
+* ``hf:<dataset id>[:config]`` through ``datasets.load_dataset`` when the Hugging Face hub (or
+  its local cache) is reachable.
+
+Formats (``format``; detected from the columns when omitted) and the conversions of Chen et al.
+2024, "Preference Learning Algorithms Do Not Learn Preference Rankings" (NeurIPS 2024), which
+evaluated ranking accuracy on these datasets:
+
+* ``trl`` -- ``prompt``/``chosen``/``rejected`` strings (standard) or ``{role, content}`` message
+  lists (conversational, rendered with the tokenizer's chat template; an implicit prompt -- only
+  ``chosen``/``rejected`` message lists sharing all but the last message -- is split off), plus
+  preflens' optional ``id``, ``votes``, ``alpha``. ``synthetic-gptj`` (Dahoas/synthetic-instruct-
+  gptj-pairwise) has the same columns and conversion and is detected as ``trl``.
+* ``hh-rlhf`` -- ``chosen``/``rejected`` whole dialogues; the prompt is the text up to and
+  including the last ``"\\n\\nAssistant:"``, the response the rest (its leading space stays with the
+  response, the BPE-natural split), so ``prompt + chosen`` is the original text exactly.
+* ``shp`` -- chosen = ``human_ref_A`` if ``labels == 1`` else ``human_ref_B``; prompt = ``history``.
+  Rankings: per ``post_id``, the distinct replies ranked by (score, created_at) descending.
+* ``ultrafeedback`` / ``stack-exchange`` -- one prompt with n scored responses (``overall_score`` /
+  ``pm_score``): a pair for every two responses with strictly different scores (the higher
+  chosen; ties give no pair); rankings by score, higher first.
+* ``alpaca-farm`` -- one row per annotator vote (``preference`` 1 or 2); rows are grouped by
+  (instruction, output_1, output_2), the majority output is chosen, ``votes`` records every vote
+  and ``alpha`` the exact share for the chosen output (unset when unanimous: alpha must lie in
+  (0, 1); derive it from ``votes`` with ``preflens.probes.ranking.alpha_from_votes``). 1:1 ties
+  have no majority and are left out of :func:`load_pairs`.
+
+Rankings give competition ranks (1 = best; ties share the better rank: scores 7.5, 2, 7.5, 9 ->
+ranks 2, 4, 2, 1); the raw scores are kept in ``RankedResponses.extra["scores"]``. Prompts and
+responses are used verbatim (no template, no separator). Ids are the 0-based source row index
+(``"12"``), with ``":a-b"`` (chosen and rejected response indices) for n-way rows.
+
+``limit`` / ``sample`` select source *items* before conversion, as the official evaluation did
+(``numpy.random.default_rng(seed).choice(n, sample, replace=False)``, in that order): rows, or the
+vote groups of AlpacaFarm and the posts of SHP rankings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preflens.data.io import _pair_from_obj, read_jsonl
+from preflens.data.schemas import PreferencePair, RankedResponses
+from preflens.errors import ConfigError, DataError
+
+__all__ = ["FORMATS", "load_pairs", "load_rankings", "detect_format", "competition_ranks"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("trl", "hh-rlhf", "shp", "ultrafeedback", "alpaca-farm", "synthetic-gptj", "stack-exchange")
+#: columns that identify each format (detection needs all of them)
+SIGNATURES = {
+    "trl": ("prompt", "chosen", "rejected"),
+    "hh-rlhf": ("chosen", "rejected"),
+    "shp": ("post_id", "history", "human_ref_A", "human_ref_B", "labels"),
+    "ultrafeedback": ("instruction", "completions"),
+    "alpaca-farm": ("instruction", "output_1", "output_2", "preference"),
+    "stack-exchange": ("qid", "question", "answers"),
+}
+#: the split each dataset's evaluation used, for ``hf:`` sources without ``split``
+DEFAULT_SPLITS = {"hh-rlhf": "test", "shp": "test", "ultrafeedback": "train",
+                  "alpaca-farm": "validation", "synthetic-gptj": "train", "stack-exchange": "train"}
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass
+class _Rows:
+    """Random access to a source's rows with error locations."""
+
+    label: str                       # the file (or hf:id[split]) named in errors
+    n: int
+    get: Callable[[int], dict]
+    columns: tuple[str, ...]
+    lines: list[int] | None = None   # 1-based line numbers (JSONL); None: 0-based row indices
+
+    def error(self, i: int, exc: DataError) -> DataError:
+        if self.lines is not None:
+            return DataError(exc.reason, file=self.label, line=self.lines[i], field=exc.field)
+        out = DataError(exc.reason, file=f"{self.label}: row {i}", field=exc.field)
+        out.file, out.row = self.label, i
+        return out
+
+    def column(self, name: str) -> list:
+        return [self.get(i).get(name) for i in range(self.n)]
+
+
+def _from_objects(label: str, objs: list[dict], lines: list[int] | None) -> _Rows:
+    cols: dict[str, None] = {}
+    for o in objs:
+        cols.update(dict.fromkeys(o))
+    return _Rows(label, len(objs), objs.__getitem__, tuple(cols), lines)
+
+
+def _from_dataset(label: str, ds) -> _Rows:
+    return _Rows(label, len(ds), lambda i: ds[int(i)], tuple(ds.column_names))
+
+
+def _pick_split(dd, split: str | None, default: str | None, label: str):
+    names = list(dd.keys())
+    want = split or default
+    if want is None and len(names) == 1:
+        want = names[0]
+    if want not in names:
+        raise ConfigError("split", f"{label} has splits {names}; choose one" if want is None
+                          else f"{label} has no split {want!r}", allowed=names)
+    return dd[want], want
+
+
+def _open(source: str | Path, split: str | None, fmt: str | None) -> _Rows:
+    if isinstance(source, str) and source.startswith("hf:"):
+        return _open_hub(source[3:], split, fmt)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as exc:  # pragma: no cover
+            raise ConfigError("source", "reading a save_to_disk folder needs `pip install datasets`") from exc
+        if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            raise DataError("folder is not a datasets.save_to_disk folder (no dataset_info.json "
+                            "or dataset_dict.json)", file=path)
+        try:
+            ds = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise DataError(f"cannot read the saved dataset: {exc}", file=path) from exc
+        if hasattr(ds, "keys"):  # a DatasetDict
+            ds, _ = _pick_split(ds, split, DEFAULT_SPLITS.get(fmt or ""), str(path))
+        return _from_dataset(str(path), ds)
+    if not path.is_file():
+        raise DataError("no such file or folder (or use hf:<dataset id> for the hub)", file=path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(str(path))
+        except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for bad files
+            raise DataError(f"cannot read as Parquet: {exc}", file=path) from exc
+        return _from_objects(str(path), table.to_pylist(), None)
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None  # JSON lines in a .json file: read below
+        if isinstance(obj, list):
+            if not obj:
+                raise DataError("file is empty (no records)", file=path)
+            for i, o in enumerate(obj):
+                if not isinstance(o, dict):
+                    raise DataError(f"expected a JSON object, got {type(o).__name__}", file=f"{path}: row {i}")
+            return _from_objects(str(path), obj, None)
+    elif suffix not in (".jsonl", ".ndjson"):
+        raise DataError(f"unknown file type {suffix!r}: expected .jsonl, .json or .parquet "
+                        "(or a datasets.save_to_disk folder)", file=path)
+    rows = read_jsonl(path)
+    return _from_objects(str(path), [o for _, o in rows], [n for n, _ in rows])
+
+
+def _open_hub(spec: str, split: str | None, fmt: str | None) -> _Rows:
+    name, _, config = spec.partition(":")
+    if not name:
+        raise ConfigError("source", "expected hf:<dataset id>[:config]")
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:  # pragma: no cover
+        raise ConfigError("source", "hf: sources need `pip install datasets`") from exc
+    label = f"hf:{spec}"
+    try:
+        dd = load_dataset(name, config or None)
+    except Exception as exc:  # noqa: BLE001 -- hub failures come in many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set and the dataset is not in the local cache; unset "
+                "HF_HUB_OFFLINE with network access, or pass a local file" if offline else
+                "the hub could not be reached or the id is wrong (offline? set HF_HUB_OFFLINE=1 "
+                "and pass a local file)")
+        raise DataError(f"cannot load dataset: {hint} ({reason})", file=label) from exc
+    ds, used = _pick_split(dd, split, DEFAULT_SPLITS.get(fmt or ""), label)
+    return _from_dataset(f"{label}[{used}]", ds)
+
+
+# --------------------------------------------------------------------------- detection
+def detect_format(columns) -> str:
+    """The format whose signature columns are all present (module docstring).
+
+    ``prompt``/``chosen``/``rejected`` is ``trl`` (``synthetic-gptj`` shares it); ``chosen``/
+    ``rejected`` without ``prompt`` is ``hh-rlhf``. Raises ConfigError (option ``format``) when no
+    or several formats match, listing the candidates.
+    """
+    cols = set(columns)
+    hits = [f for f, sig in SIGNATURES.items() if cols.issuperset(sig)]
+    if "trl" in hits:
+        hits.remove("hh-rlhf")
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        expected = "; ".join(f"{f}: {', '.join(s)}" for f, s in SIGNATURES.items())
+        raise ConfigError("format", f"cannot detect the format from columns {sorted(cols)} "
+                          f"(expected columns per format: {expected})", allowed=FORMATS)
+    raise ConfigError("format", f"columns {sorted(cols)} match several formats {hits}; choose one",
+                      allowed=hits)
+
+
+# --------------------------------------------------------------------------- helpers
+def competition_ranks(keys) -> list[int]:
+    """Competition ranks, higher key better (1 = best; equal keys share the better rank).
+
+    Chen et al. 2024, Def. A.8 ("1224" ranking): rank_i = 1 + #{j : key_j > key_i}. Keys may be
+    numbers or tuples (compared lexicographically, as SHP's (score, created_at)).
+    """
+    return [1 + sum(k2 > k for k2 in keys) for k in keys]
+
+
+def _need(obj: dict, key: str):
+    if key not in obj or obj[key] is None:
+        raise DataError("missing key", field=key)
+    return obj[key]
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise DataError(f"expected a number, got {value!r}", field=name)
+    return float(value)
+
+
+def _hh_split(text, name: str) -> tuple[str, str]:
+    if not isinstance(text, str):
+        raise DataError(f"expected a string, got {type(text).__name__}", field=name)
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(f"no {HH_ASSISTANT!r} turn to split at", field=name)
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def _scored(obj: dict, list_key: str, text_key: str, score_key: str) -> tuple[list[str], list[float]]:
+    items = _need(obj, list_key)
+    if not isinstance(items, list) or len(items) < 2:
+        raise DataError("expected a list of at least 2 responses", field=list_key)
+    texts, scores = [], []
+    for k, it in enumerate(items):
+        where = f"{list_key}[{k}]"
+        if not isinstance(it, dict):
+            raise DataError(f"expected an object, got {type(it).__name__}", field=where)
+        t = it.get(text_key)
+        if not isinstance(t, str):
+            raise DataError(f"expected a string, got {type(t).__name__}", field=f"{where}.{text_key}")
+        texts.append(t)
+        scores.append(_number(it.get(score_key), f"{where}.{score_key}"))
+    return texts, scores
+
+
+_NWAY = {"ultrafeedback": ("instruction", "completions", "response", "overall_score"),
+         "stack-exchange": ("question", "answers", "text", "pm_score")}
+
+
+# --------------------------------------------------------------------------- per-row conversions
+def _row_pairs(fmt: str, obj: dict, i: int, tokenizer) -> list[PreferencePair]:
+    if fmt in ("trl", "synthetic-gptj"):
+        if "prompt" not in obj and isinstance(obj.get("chosen"), list):
+            obj = _implicit_prompt(obj)
+        pair = _pair_from_obj(obj, None, None, tokenizer)
+        return [pair if pair.id is not None else _with_id(pair, str(i))]
+    if fmt == "hh-rlhf":
+        pw, yw = _hh_split(_need(obj, "chosen"), "chosen")
+        pl, yl = _hh_split(_need(obj, "rejected"), "rejected")
+        if pw != pl:
+            raise DataError("chosen and rejected do not share the dialogue up to the last "
+                            "assistant turn", field="rejected")
+        return [PreferencePair(pw, yw, yl, id=str(i))]
+    if fmt == "shp":
+        label = _need(obj, "labels")
+        if label not in (0, 1) or isinstance(label, bool):
+            raise DataError(f"expected 1 (A preferred) or 0 (B preferred), got {label!r}", field="labels")
+        a, b = _need(obj, "human_ref_A"), _need(obj, "human_ref_B")
+        w, l = (a, b) if label == 1 else (b, a)
+        return [PreferencePair(_need(obj, "history"), w, l, id=str(i))]
+    if fmt in _NWAY:
+        p_key, list_key, t_key, s_key = _NWAY[fmt]
+        prompt = _need(obj, p_key)
+        texts, scores = _scored(obj, list_key, t_key, s_key)
+        out = []
+        for a in range(len(texts)):
+            for b in range(a + 1, len(texts)):
+                if scores[a] != scores[b]:
+                    w, l = (a, b) if scores[a] > scores[b] else (b, a)
+                    out.append(PreferencePair(prompt, texts[w], texts[l], id=f"{i}:{w}-{l}"))
+        return out
+    raise ConfigError("format", f"unknown value {fmt!r}", allowed=FORMATS)  # pragma: no cover
+
+
+def _with_id(pair: PreferencePair, pid: str) -> PreferencePair:
+    return PreferencePair(pair.prompt, pair.chosen, pair.rejected, id=pid, votes=pair.votes, alpha=pair.alpha)
+
+
+def _implicit_prompt(obj: dict) -> dict:
+    """TRL's implicit-prompt conversational rows: the shared leading messages are the prompt."""
+    c, r = obj.get("chosen"), obj.get("rejected")
+    if not isinstance(r, list) or len(c) < 2 or c[:-1] != r[:-1]:
+        raise DataError("implicit-prompt rows need chosen and rejected message lists that share all "
+                        "but their last message", field="rejected")
+    return {**obj, "prompt": c[:-1], "chosen": c[-1:], "rejected": r[-1:]}
+
+
+def _row_ranking(fmt: str, obj: dict, i: int, tokenizer) -> RankedResponses:
+    if fmt in _NWAY:
+        p_key, list_key, t_key, s_key = _NWAY[fmt]
+        texts, scores = _scored(obj, list_key, t_key, s_key)
+        return RankedResponses(_need(obj, p_key), texts, ranks=competition_ranks(scores), id=str(i),
+                               extra={"scores": scores})
+    pair = _row_pairs(fmt, obj, i, tokenizer)[0]   # trl, hh-rlhf, shp rows: [chosen, rejected]
+    return RankedResponses(pair.prompt, (pair.chosen, pair.rejected), ranks=(1, 2), id=pair.id)
+
+
+# --------------------------------------------------------------------------- grouped formats
+def _groups(rows: _Rows, key_cols: tuple[str, ...]) -> list[list[int]]:
+    """Row indices grouped by the values of ``key_cols`` (first-appearance order)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(rows.n):
+        obj = rows.get(i)
+        try:
+            key = tuple(json.dumps(_need(obj, k), sort_keys=True) for k in key_cols)
+        except DataError as exc:
+            raise rows.error(i, exc) from None
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _alpaca_group(rows: _Rows, idx: list[int], *, rankings: bool):
+    votes = []
+    for i in idx:
+        obj = rows.get(i)
+        try:
+            v = _number(_need(obj, "preference"), "preference")
+            if v not in (1.0, 2.0):
+                raise DataError(f"expected 1 or 2, got {obj['preference']!r}", field="preference")
+        except DataError as exc:
+            raise rows.error(i, exc) from None
+        votes.append(int(v))
+    first = rows.get(idx[0])
+    prompt, o1, o2 = first["instruction"], first["output_1"], first["output_2"]
+    n1, n2 = votes.count(1), votes.count(2)
+    try:
+        if rankings:
+            return RankedResponses(prompt, (o1, o2), ranks=competition_ranks([n1, n2]), id=str(idx[0]),
+                                   extra={"scores": [n1, n2]})
+        if n1 == n2:
+            return None   # a 1:1 tie has no majority (alpha = 0.5): left out
+        (w, l), n_w = ((o1, o2), n1) if n1 > n2 else ((o2, o1), n2)
+        labels = ["chosen" if (v == 1) == (n1 > n2) else "rejected" for v in votes]
+        alpha = n_w / len(votes) if n_w < len(votes) else None
+        return PreferencePair(prompt, w, l, id=str(idx[0]), votes=labels, alpha=alpha)
+    except DataError as exc:
+        raise rows.error(idx[0], exc) from None
+
+
+def _shp_post(rows: _Rows, idx: list[int]) -> RankedResponses:
+    replies: dict[str, tuple] = {}
+    for i in idx:
+        obj = rows.get(i)
+        try:
+            for side in ("A", "B"):
+                text = _need(obj, f"human_ref_{side}")
+                key = (_number(_need(obj, f"score_{side}"), f"score_{side}"),
+                       _number(obj.get(f"created_at_utc_{side}", 0), f"created_at_utc_{side}"))
+                replies.setdefault(text, key)
+        except DataError as exc:
+            raise rows.error(i, exc) from None
+    texts, keys = list(replies), list(replies.values())
+    first = rows.get(idx[0])
+    try:
+        return RankedResponses(first["history"], texts, ranks=competition_ranks(keys),
+                               id=str(first["post_id"]), extra={"scores": [k[0] for k in keys]})
+    except DataError as exc:
+        raise rows.error(idx[0], exc) from None
+
+
+# --------------------------------------------------------------------------- public API
+def _select(n: int, limit: int | None, sample: int | None, seed: int) -> list[int]:
+    for name, v in (("limit", limit), ("sample", sample)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(name, f"must be a positive integer, got {v!r}")
+    if limit is not None and sample is not None:
+        raise ConfigError("sample", "give at most one of limit and sample")
+    if sample is not None:
+        if sample > n:
+            raise ConfigError("sample", f"{sample} items requested but the source has {n}")
+        import numpy as np
+
+        return [int(k) for k in np.random.default_rng(seed).choice(n, sample, replace=False)]
+    return list(range(n if limit is None else min(limit, n)))
+
+
+def _load(source, fmt, split, tokenizer, limit, sample, seed, on_error, rankings: bool) -> list:
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError("format", f"unknown value {fmt!r}", allowed=FORMATS)
+    if on_error not in ("raise", "skip"):
+        raise ConfigError("on_error", f"unknown value {on_error!r}", allowed=("raise", "skip"))
+    rows = _open(source, split, fmt)
+    fmt = fmt or detect_format(rows.columns)
+    if fmt == "alpaca-farm" or (rankings and fmt == "shp"):
+        keys = ("instruction", "output_1", "output_2") if fmt == "alpaca-farm" else ("post_id",)
+        units = _groups(rows, keys)
+    else:
+        units = [[i] for i in range(rows.n)]
+    out, skipped, seen = [], [], {}
+    for u in _select(len(units), limit, sample, seed):
+        idx = units[u]
+        try:
+            if fmt == "alpaca-farm":
+                recs = [_alpaca_group(rows, idx, rankings=rankings)]
+            elif fmt == "shp" and rankings:
+                recs = [_shp_post(rows, idx)]
+            else:
+                try:
+                    obj = rows.get(idx[0])
+                    recs = ([_row_ranking(fmt, obj, idx[0], tokenizer)] if rankings
+                            else _row_pairs(fmt, obj, idx[0], tokenizer))
+                except DataError as exc:
+                    raise rows.error(idx[0], exc) from None
+                for r in recs:
+                    if r.id in seen:
+                        raise rows.error(idx[0], DataError(
+                            f"duplicate id {r.id!r} (first seen at item {seen[r.id]})", field="id"))
+                    seen[r.id] = idx[0]
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            skipped.append(str(exc))
+            continue
+        out.extend(r for r in recs if r is not None)
+    if skipped:
+        log.warning("%s: skipped %d bad item(s); first: %s", rows.label, len(skipped), skipped[0])
+    if not out:
+        raise DataError(f"no {'rankings' if rankings else 'preference pairs'} in the selected "
+                        f"items (format {fmt})", file=rows.label)
+    return out
+
+
+def load_pairs(source, format: str | None = None, *, split: str | None = None, tokenizer=None,
+               limit: int | None = None, sample: int | None = None, seed: int = 0,
+               on_error: str = "raise") -> list[PreferencePair]:
+    """Preference pairs from a local file/folder or ``hf:<id>[:config]`` (module docstring).
+
+    Args:
+        source: path (``.jsonl``, ``.json``, ``.parquet``, ``save_to_disk`` folder) or ``hf:...``.
+        format: one of :data:`FORMATS`; detected from the columns when ``None``.
+        split: dataset split for folders/hub datasets with several (default: the split the
+            dataset's evaluation used, see :data:`DEFAULT_SPLITS`, or the only one).
+        tokenizer: renders conversational (message-list) TRL rows with its chat template.
+        limit: the first ``limit`` source items. sample: ``sample`` items drawn without
+            replacement with ``numpy.random.default_rng(seed)`` (exclusive with ``limit``).
+        on_error: ``"raise"`` (default) a DataError naming ``file:line`` (JSONL) or ``file: row i``
+            (0-based, other sources) and the field; ``"skip"`` leaves bad items out (a warning
+            counts them).
+
+    Raises:
+        DataError: unreadable source, bad row, or no pairs; ConfigError: bad option.
+    """
+    return _load(source, format, split, tokenizer, limit, sample, seed, on_error, rankings=False)
+
+
+def load_rankings(source, format: str | None = None, *, split: str | None = None, tokenizer=None,
+                  limit: int | None = None, sample: int | None = None, seed: int = 0,
+                  on_error: str = "raise") -> list[RankedResponses]:
+    """Ranked responses (competition ranks, 1 = best) from the same sources as :func:`load_pairs`.
+
+    n-way formats give one record per prompt with all responses; pairwise formats give
+    ``[chosen, rejected]`` with ranks ``[1, 2]``; AlpacaFarm ranks its two outputs by vote count
+    (a 1:1 tie shares rank 1); SHP groups the rows of each post. Same arguments as
+    :func:`load_pairs`.
+    """
+    return _load(source, format, split, tokenizer, limit, sample, seed, on_error, rankings=True)
