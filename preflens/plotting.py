@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "grouped_bars"]
+__all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "grouped_bars", "histograms"]
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
@@ -161,5 +161,25 @@ def grouped_bars(
     if len(series) > 1:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def histograms(panels: Mapping[str, Sequence[float]], *, title: str | None = None, bins: int = 40,
+               ncols: int | None = None):
+    """One histogram per panel (name -> values; ``None`` values are skipped)."""
+    n = len(panels)
+    ncols = ncols or min(n, 4)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, panels.items()):
+        v = np.asarray([x for x in values if x is not None], float)
+        ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
