@@ -33,6 +33,7 @@ __all__ = [
     "alpha_from_votes", "alphas_from_votes", "tie_mask", "TIE_ALPHA",
     "idealized_ranking_correct", "idealized_ranking_accuracy",
     "flip_loss_threshold", "required_loss_decrease", "dpo_loss_value", "correct_from_dpo_loss",
+    "dpo_margin_bounds",
     "ipo_loss_value", "ipo_loss_bound", "ipo_guarantees_correct",
     "flip_buckets", "tie_aware_correct",
 ]
@@ -336,15 +337,77 @@ def required_loss_decrease(c, beta, gamma=1.0):
     return math.log(2.0) - t
 
 
-def correct_from_dpo_loss(loss, c, beta, gamma=1.0, *, strict: bool = False) -> Tensor:
-    """Ranking correctness read off the DPO^gamma loss via Theorem 4.1.
+def _log_expm1(x: Tensor) -> Tensor:
+    """log(e^x - 1) for x >= 0 without overflow (x > 1: x + log1p(-e^-x)); log(0) = -inf at x = 0."""
+    big = x > 1.0
+    return torch.where(big, x + torch.log1p(-torch.exp(-torch.where(big, x, torch.ones_like(x)))),
+                       torch.log(torch.expm1(torch.where(big, torch.zeros_like(x), x))))
 
-    1[loss <= softplus(-beta*gamma*c)] equals 1[m >= 0]; ``strict=True`` uses < (equals
-    1[m > 0]). Returns a BoolTensor broadcast over the inputs.
+
+def dpo_margin_bounds(loss, c, beta, gamma=1.0, *, rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    """Interval [m_lo, m_hi] for the model log-ratio m that a float DPO^gamma loss value allows.
+
+    Inverts Eq. 4, L = softplus(-z) with z = beta*(m + gamma*c): z = -log(e^L - 1), so
+    m = z/beta - gamma*c, computed in log space. The loss is trusted only to a relative ``rtol``
+    (default 4 ulp of the loss's dtype: float32 tensors 4*2^-23, everything else 4*2^-52) plus
+    the smallest subnormal of that dtype (a loss of 0.0 means "below half the smallest
+    subnormal", i.e. z >= ~744.4 in float64: an unbounded interval). Rounding of the last two
+    operations is added to the interval. Returns two float64 tensors broadcast over the inputs.
     """
-    thr = _f64(flip_loss_threshold(c, beta, gamma), "threshold")
+    _positive(beta, "beta")
+    dt = loss.dtype if isinstance(loss, Tensor) and loss.dtype in (torch.float32, torch.float16,
+                                                                     torch.bfloat16) else torch.float64
+    eps = torch.finfo(dt).eps
+    rtol = 4 * eps if rtol is None else float(rtol)
+    if not (0 <= rtol < 1):
+        raise ConfigError("rtol", f"must be in [0, 1), got {rtol!r}")
     lv = _f64(loss, "loss")
-    return lv < thr if strict else lv <= thr
+    if (lv < 0).any():
+        raise DataError("a DPO loss is >= 0; got a negative value", field="loss")
+    sub = float(torch.finfo(dt).smallest_normal) * float(torch.finfo(dt).eps)  # smallest subnormal
+    l_lo, l_hi = lv * (1.0 - rtol), lv * (1.0 + rtol) + sub
+    b = _f64(beta, "beta")
+    gc = _f64(gamma, "gamma") * _f64(c, "c")
+    z_lo, z_hi = -_log_expm1(l_hi) / b, -_log_expm1(l_lo) / b       # loss decreasing in z
+    e64 = torch.finfo(torch.float64).eps
+    m_lo = z_lo - gc
+    m_hi = z_hi - gc
+    slack = 4 * e64 * (z_lo.abs() + gc.abs())
+    m_lo = m_lo - slack
+    m_hi = torch.where(torch.isinf(z_hi), z_hi, m_hi + 4 * e64 * (z_hi.abs() + gc.abs()))
+    return m_lo, m_hi
+
+
+UNDETERMINED = ("raise", "tie")
+
+
+def correct_from_dpo_loss(loss, c, beta, gamma=1.0, *, strict: bool = False,
+                          undetermined: str = "raise", rtol: float | None = None) -> Tensor:
+    """Ranking correctness read off the DPO^gamma loss via Theorem 4.1 (Chen et al. 2024).
+
+    Theorem 4.1: R = 1 (m >= 0) <=> L <= softplus(-beta*gamma*c). A float loss cannot decide this
+    when m is within the loss's rounding of 0, and when z = beta*(m + gamma*c) is so large
+    (>~ 708, float64) that loss and threshold are both subnormal or 0 (e.g. m = -1, c = 100,
+    beta = 10: loss e^-990 = 0.0 and threshold 0.0). So the comparison is made in margin space:
+    :func:`dpo_margin_bounds` gives the interval of m the loss allows (relative ``rtol``);
+    the pair is correct if the whole interval is > 0, incorrect if it is < 0, else
+    *undetermined*: ``undetermined="raise"`` (default) raises DataError naming the pairs;
+    ``"tie"`` counts them as m = 0, i.e. correct unless ``strict`` (R uses >=, strict uses >).
+    Pass the margin itself to :func:`ranking_correct` when you have it: that is exact.
+    Returns a BoolTensor broadcast over the inputs.
+    """
+    if undetermined not in UNDETERMINED:
+        raise ConfigError("undetermined", f"unknown value {undetermined!r}", allowed=UNDETERMINED)
+    m_lo, m_hi = dpo_margin_bounds(loss, c, beta, gamma, rtol=rtol)
+    right, wrong = m_lo > 0, m_hi < 0
+    open_ = ~(right | wrong)
+    if undetermined == "raise" and bool(open_.any()):
+        idx = torch.nonzero(open_.reshape(-1)).reshape(-1)[:5].tolist()
+        raise DataError(f"{int(open_.sum())} pair(s) (first indices {idx}) have a loss too close to "
+                        "the Theorem 4.1 threshold, or too small (underflowed), to decide the sign of m; "
+                        "pass undetermined='tie' to count them as m = 0, or use the margins",
+                        field="loss")
+    return right | (open_ & (not strict))
 
 
 def ipo_loss_value(m, c, tau):

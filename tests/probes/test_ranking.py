@@ -197,14 +197,55 @@ def test_theorem_4_1_iff_by_sweeping_m(beta, gamma):
         thr = rk.flip_loss_threshold(c, beta, gamma)
         # independent value: -log sigmoid(beta*gamma*c)
         assert thr == pytest.approx(-math.log(1 / (1 + math.exp(-beta * gamma * c))), rel=1e-12)
-        assert torch.equal(rk.correct_from_dpo_loss(loss, c, beta, gamma), m >= 0)
-        assert torch.equal(rk.correct_from_dpo_loss(loss, c, beta, gamma, strict=True), m > 0)
+        tie = dict(undetermined="tie")  # m = 0 is in the sweep: undecidable from a float loss
+        assert torch.equal(rk.correct_from_dpo_loss(loss, c, beta, gamma, **tie), m >= 0)
+        assert torch.equal(rk.correct_from_dpo_loss(loss, c, beta, gamma, strict=True, **tie), m > 0)
+        nz = m != 0
+        assert torch.equal(rk.correct_from_dpo_loss(loss[nz], c, beta, gamma), m[nz] > 0)
         at0 = rk.dpo_loss_value(0.0, c, beta, gamma)
         assert at0 == thr  # exactly at the threshold <=> m = 0 -> R = 1 under >=
         assert rk.dpo_loss_value(-1e-6, c, beta, gamma) > thr
         # loss strictly decreasing in m on the sweep
         ms, order = torch.sort(m)
         assert (torch.diff(loss[order]) < 0).all()
+
+
+def test_correct_from_dpo_loss_one_ulp_at_m0_does_not_flip():
+    # defect (issue 14.3): at m = 0 two loss implementations differing by 1 ulp gave opposite answers
+    for c, beta in ((0.7, 1.0), (-3.0, 0.1), (4.0, 5.0)):
+        thr = rk.flip_loss_threshold(c, beta)
+        up, down = math.nextafter(thr, math.inf), math.nextafter(thr, -math.inf)
+        with pytest.raises(DataError, match="too close"):
+            rk.correct_from_dpo_loss(up, c, beta)
+        got = [bool(rk.correct_from_dpo_loss(x, c, beta, undetermined="tie")) for x in (down, thr, up)]
+        assert got == [True, True, True]
+        got = [bool(rk.correct_from_dpo_loss(x, c, beta, strict=True, undetermined="tie"))
+               for x in (down, thr, up)]
+        assert got == [False, False, False]
+
+
+def test_correct_from_dpo_loss_underflow_is_not_called_correct():
+    # defect (issue 14.3): m = -1, c = 100, beta = 10 -> z = 990: loss and threshold both 0.0,
+    # and the mis-ranked pair counted as correct
+    loss = rk.dpo_loss_value(-1.0, 100.0, 10.0)
+    assert loss == 0.0 and rk.flip_loss_threshold(100.0, 10.0) == 0.0
+    with pytest.raises(DataError, match="underflowed"):
+        rk.correct_from_dpo_loss(loss, 100.0, 10.0)
+    lo, hi = rk.dpo_margin_bounds(loss, 100.0, 10.0)
+    assert float(lo) < -1.0 and math.isinf(float(hi))  # the true m = -1 lies inside
+    # still decidable where the interval excludes 0: z = 10*(-50 + 100) = 500, e^-500 is normal
+    assert not bool(rk.correct_from_dpo_loss(rk.dpo_loss_value(-50.0, 100.0, 10.0), 100.0, 10.0))
+    assert bool(rk.correct_from_dpo_loss(rk.dpo_loss_value(5.0, -60.0, 10.0), -60.0, 10.0))
+
+
+def test_dpo_margin_bounds_contain_true_margin_float32():
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(500, generator=g, dtype=torch.float64) - 0.5) * 40
+    c = (torch.rand(500, generator=g, dtype=torch.float64) - 0.5) * 20
+    loss32 = torch.nn.functional.softplus(-(0.5 * (m + c))).float()  # a float32 loss implementation
+    lo, hi = rk.dpo_margin_bounds(loss32, c, 0.5)
+    assert ((lo <= m) & (m <= hi)).all()
+    assert ((hi - lo) < 1e-4 * (1 + m.abs() + c.abs())).all()
 
 
 def test_dpo_init_and_required_decrease():
