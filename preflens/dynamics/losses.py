@@ -8,6 +8,16 @@ softplus(−z) throughout, so |βM| in the thousands neither overflows nor gives
 Weights (Yuan et al. 2024, "Gradient Entanglement" §1): a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l, so
 ∇ℓ = −(a_w ∇u_w − a_l ∇u_l); written in closed form (spec §2 table) and tested against autograd.
 Kinks (relu, hinge) take the strict-inequality branch, as torch's relu does (0 at the kink).
+
+Scale versus TRL 1.16 (checked against its source; tests/dynamics/test_losses.py computes TRL's
+form and asserts each ratio): dpo, ipo_mean, hinge (DPOTrainer ``sigmoid``/``ipo``/``hinge``) and
+simpo (CPOTrainer ``loss_type="simpo"``) equal TRL's per-pair loss; ``kto_paired`` = 2 × TRL KTO (TRL averages
+over the 2n concatenated chosen+rejected examples, we sum the two halves per pair);
+``sppo`` = ½ × TRL ``sppo_hard``; ``cpo``/``rpo``/``orpo`` take their NLL per pair (−u_w/L_w, then
+the caller's mean over pairs) where TRL takes one token mean over all chosen tokens of the batch
+(equal only when every chosen response has the same length), and TRL's ORPO NLL also covers the
+prompt tokens. Loss scale never changes ranking correctness: only the sign of u_w − u_l does
+(Chen et al. 2024, Def. 2.3).
 """
 
 from __future__ import annotations
@@ -152,9 +162,11 @@ def _dpop_w(uw, ul, rw, rl, lw, ll, *, beta, lam):
 
 
 def _rpo(uw, ul, rw, rl, lw, ll, *, beta, lam):
-    """RPO = DPO + λ·NLL on the chosen response (Pang et al. 2024; Liu et al. 2024; TRL
-    ``rpo_alpha``), NLL = −u_w/L_w per pair (TRL averages over all chosen tokens of the batch).
-    a_w = βσ(−βM) + λ/L_w, a_l = βσ(−βM)."""
+    """RPO = DPO + λ·NLL on the chosen response (Pang et al. 2024, Eq. 3; Liu et al. 2024):
+    ℓ = −log σ(βM) − λu_w/L_w. TRL 1.16 has no ``rpo_alpha``; its equivalent is
+    ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, λ]``, whose ``sft`` term is ONE token mean
+    of −log π over all chosen tokens of the batch, Σu_w/ΣL_w (equal to our per-pair mean of
+    u_w/L_w only when all chosen lengths are equal). a_w = βσ(−βM) + λ/L_w, a_l = βσ(−βM)."""
     return F.softplus(-beta * _margin(uw, ul, rw, rl)) - lam * uw / lw
 
 
@@ -164,8 +176,9 @@ def _rpo_w(uw, ul, rw, rl, lw, ll, *, beta, lam):
 
 
 def _cpo(uw, ul, rw, rl, lw, ll, *, beta, lam):
-    """CPO (Xu et al. 2024; TRL CPOTrainer ``sigmoid``, ``cpo_alpha`` = λ): no reference,
-    ℓ = −log σ(β(u_w − u_l)) − λū_w (summed in the preference term, mean in the NLL).
+    """CPO (Xu et al. 2024, Eq. 5; TRL CPOTrainer ``sigmoid``, ``cpo_alpha`` = λ): no reference,
+    ℓ = −log σ(β(u_w − u_l)) − λū_w (summed in the preference term, per-pair mean in the NLL;
+    TRL's NLL is one token mean over the batch's chosen response tokens, Σu_w/ΣL_w).
     a_w = βσ(−z) + λ/L_w, a_l = βσ(−z)."""
     return F.softplus(-beta * (uw - ul)) - lam * uw / lw
 
@@ -176,8 +189,10 @@ def _cpo_w(uw, ul, rw, rl, lw, ll, *, beta, lam):
 
 
 def _orpo(uw, ul, rw, rl, lw, ll, *, lam):
-    """ORPO (Hong et al. 2024, L_SFT + λ·L_OR; TRL form on mean log-probs, TRL's β = λ):
-    ℓ = −ū_w − λ log σ(lo_w − lo_l), lo = ū − log(1 − e^ū) (needs ū < 0).
+    """ORPO (Hong et al. 2024, Eq. 6, L_SFT + λ·L_OR; odds on mean log-probs as TRL, TRL's β = λ):
+    ℓ = −ū_w − λ log σ(lo_w − lo_l), lo = ū − log(1 − e^ū) (needs ū < 0). TRL 1.16's ORPOTrainer
+    differs in the NLL: it is one token mean over the whole chosen sequences of the batch,
+    prompt tokens included, (Σ(u_prompt + u_w))/Σ(L_prompt + L_w); ours is −ū_w per pair.
     a_w = [1 + λσ(−Δlo)/(1 − e^{ū_w})]/L_w, a_l = λσ(−Δlo)/((1 − e^{ū_l})L_l)."""
     mw, ml = uw / lw, ul / ll
     return -mw + lam * F.softplus(-((mw - _log1mexp(mw)) - (ml - _log1mexp(ml))))
@@ -204,7 +219,9 @@ def _rrhf_w(uw, ul, rw, rl, lw, ll, *, alpha):
 def _kto_paired(uw, ul, rw, rl, lw, ll, *, beta, lambda_d, lambda_u, z0):
     """KTO on a pair (Ethayarajh et al. 2024), chosen as desirable, rejected as undesirable:
     ℓ = λ_D(1 − σ(βr_w − z0)) + λ_U(1 − σ(z0 − βr_l)). z0 (scalar or [n]) is given in reward
-    units (= β × the paper's KL reference point) and detached.
+    units (= β × the paper's KL reference point) and detached. Scale: 2 × TRL's KTO for the same
+    pairs (TRL concatenates chosen and rejected into 2n examples and averages over them; here the
+    two terms are summed per pair and the caller averages over n pairs).
     a_w = λ_Dβσ'(βr_w − z0), a_l = λ_Uβσ'(z0 − βr_l), σ' = σ(1 − σ)."""
     z0 = z0.detach() if isinstance(z0, Tensor) else z0
     return (lambda_d * torch.sigmoid(z0 - beta * (uw - rw))  # 1 − σ(x) = σ(−x)
@@ -229,7 +246,8 @@ def _dpo_gamma_w(uw, ul, rw, rl, lw, ll, *, beta, gamma):
 
 def _sppo(uw, ul, rw, rl, lw, ll, *, beta):
     """SPPO-style squared loss (Wu et al. 2024 with P̂ ∈ {1, 0}, η = 1/β; GE repo ``sppo``):
-    ℓ = ½[(r_w − 1/(2β))² + (r_l + 1/(2β))²]. a_w = 1/(2β) − r_w, a_l = r_l + 1/(2β)."""
+    ℓ = ½[(r_w − 1/(2β))² + (r_l + 1/(2β))²]. a_w = 1/(2β) − r_w, a_l = r_l + 1/(2β).
+    Scale: ½ × TRL ``sppo_hard`` (which omits the ½)."""
     return 0.5 * ((uw - rw - 0.5 / beta) ** 2 + (ul - rl + 0.5 / beta) ** 2)
 
 

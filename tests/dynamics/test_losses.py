@@ -323,3 +323,114 @@ def test_mixed_dtypes_promote():
                            len_l=x["len_l"].long())
     as_float = compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"], len_l=x["len_l"])
     torch.testing.assert_close(as_long, as_float)
+
+
+# ----------------------------------------------------------------------------- scale vs TRL 1.16
+# Ports of TRL 1.16's batch losses (trl/trainer/dpo_trainer.py, kto_trainer.py,
+# experimental/cpo, experimental/orpo), written from reading them: per-token log-probs in,
+# the scalar the trainer backpropagates out. Each test asserts the ratio documented in
+# preflens.dynamics.losses.
+def _token_batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    lens_w = [int(v) for v in torch.randint(1, 12, (n,), generator=g)]
+    lens_l = [int(v) for v in torch.randint(1, 12, (n,), generator=g)]
+    lens_p = [int(v) for v in torch.randint(1, 8, (n,), generator=g)]
+    def toks(lens, lo=-3.0):
+        return [lo * torch.rand(k, generator=g, dtype=torch.float64) - 0.01 for k in lens]
+    return dict(tok_w=toks(lens_w), tok_l=toks(lens_l), tok_p=toks(lens_p),
+                ref_w=-20 * torch.rand(n, generator=g, dtype=torch.float64),
+                ref_l=-20 * torch.rand(n, generator=g, dtype=torch.float64))
+
+
+def _sums(b):
+    u_w = torch.stack([t.sum() for t in b["tok_w"]])
+    u_l = torch.stack([t.sum() for t in b["tok_l"]])
+    L_w = torch.tensor([float(len(t)) for t in b["tok_w"]], dtype=torch.float64)
+    L_l = torch.tensor([float(len(t)) for t in b["tok_l"]], dtype=torch.float64)
+    return u_w, u_l, L_w, L_l
+
+
+def test_kto_paired_is_twice_trl_kto():
+    b = _token_batch(1)
+    u_w, u_l, L_w, L_l = _sums(b)
+    beta, kl = 0.3, 0.25
+    # TRL KTOTrainer (loss_type "kto"): concatenated chosen then rejected, then nanmean
+    ch = 1 - torch.sigmoid(beta * ((u_w - b["ref_w"]) - kl))
+    rj = 1 - torch.sigmoid(beta * (kl - (u_l - b["ref_l"])))
+    trl = torch.cat([ch, rj]).nanmean()
+    ours = compute_loss("kto_paired", u_w, u_l, b["ref_w"], b["ref_l"], beta=beta, z0=beta * kl).mean()
+    torch.testing.assert_close(ours, 2 * trl, rtol=1e-14, atol=0)
+
+
+def test_sppo_is_half_trl_sppo_hard():
+    b = _token_batch(2)
+    u_w, u_l, L_w, L_l = _sums(b)
+    beta = 0.2
+    r_w, r_l = u_w - b["ref_w"], u_l - b["ref_l"]
+    trl = ((r_w - 0.5 / beta) ** 2 + (r_l + 0.5 / beta) ** 2).mean()  # DPOTrainer "sppo_hard"
+    ours = compute_loss("sppo", u_w, u_l, b["ref_w"], b["ref_l"], beta=beta).mean()
+    torch.testing.assert_close(ours, 0.5 * trl, rtol=1e-14, atol=0)
+
+
+def _sigmoid_loss(beta, m):
+    return torch.nn.functional.softplus(-beta * m)
+
+
+def test_rpo_cpo_nll_per_pair_mean_vs_trl_token_mean():
+    b = _token_batch(3)
+    u_w, u_l, L_w, L_l = _sums(b)
+    beta, lam = 0.1, 0.7
+    assert len(set(L_w.tolist())) > 1  # unequal lengths: the two NLL conventions differ
+    trl_sft = -torch.cat(b["tok_w"]).mean()                    # DPOTrainer "sft" / CPO NLL
+    ours_nll = (-u_w / L_w).mean()
+    # RPO: TRL loss_type=["sigmoid", "sft"], loss_weights=[1, lam]
+    trl_rpo = _sigmoid_loss(beta, (u_w - b["ref_w"]) - (u_l - b["ref_l"])).mean() + lam * trl_sft
+    ours_rpo = compute_loss("rpo", u_w, u_l, b["ref_w"], b["ref_l"], L_w, L_l, beta=beta, lam=lam).mean()
+    torch.testing.assert_close(ours_rpo - trl_rpo, lam * (ours_nll - trl_sft), rtol=1e-12, atol=1e-14)
+    assert abs(float(ours_nll - trl_sft)) > 1e-3
+    # CPO: CPOTrainer "sigmoid" on summed log-probs + cpo_alpha * token-mean NLL (prompt masked)
+    trl_cpo = _sigmoid_loss(beta, u_w - u_l).mean() + lam * trl_sft
+    ours_cpo = compute_loss("cpo", u_w, u_l, None, None, L_w, L_l, beta=beta, lam=lam).mean()
+    torch.testing.assert_close(ours_cpo - trl_cpo, lam * (ours_nll - trl_sft), rtol=1e-12, atol=1e-14)
+    # equal chosen lengths: the conventions coincide
+    same = {k: ([t[:1] for t in v] if k == "tok_w" else v) for k, v in b.items()}
+    u_w1, _, L_w1, _ = _sums(same)
+    one = compute_loss("rpo", u_w1, u_l, b["ref_w"], b["ref_l"], L_w1, L_l, beta=beta, lam=lam).mean()
+    trl1 = (_sigmoid_loss(beta, (u_w1 - b["ref_w"]) - (u_l - b["ref_l"])).mean()
+            - lam * torch.cat(same["tok_w"]).mean())
+    torch.testing.assert_close(one, trl1, rtol=1e-13, atol=0)
+
+
+def test_orpo_nll_vs_trl_prompt_and_batch_token_mean():
+    b = _token_batch(4)
+    u_w, u_l, L_w, L_l = _sums(b)
+    lam = 0.2
+    mw, ml = u_w / L_w, u_l / L_l
+    try:  # TRL's own log1mexp is a pure function; use it when trl is installed
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo.orpo_trainer import log1mexp
+    except Exception:  # noqa: BLE001 - optional dependency
+        def log1mexp(x):
+            return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    log_odds = (mw - ml) - (log1mexp(mw) - log1mexp(ml))
+    or_term = -lam * torch.nn.functional.logsigmoid(log_odds).mean()
+    # ORPOTrainer NLL: CrossEntropyLoss over prompt + chosen tokens of the whole batch
+    trl_nll = -torch.cat([torch.cat([p, w]) for p, w in zip(b["tok_p"], b["tok_w"])]).mean()
+    trl = trl_nll + or_term
+    ours = compute_loss("orpo", u_w, u_l, None, None, L_w, L_l, lam=lam).mean()
+    torch.testing.assert_close(ours - trl, (-mw).mean() - trl_nll, rtol=1e-12, atol=1e-14)
+    assert abs(float(ours - trl)) > 1e-3   # the documented difference is real on this batch
+    # one pair without prompt tokens: identical
+    one = compute_loss("orpo", u_w[:1], u_l[:1], None, None, L_w[:1], L_l[:1], lam=lam)
+    trl1 = -b["tok_w"][0].mean() - lam * torch.nn.functional.logsigmoid(log_odds[:1])
+    torch.testing.assert_close(one, trl1, rtol=1e-13, atol=0)
+
+
+def test_rpo_docstring_does_not_cite_rpo_alpha():
+    # TRL 1.16 has no rpo_alpha; RPO is loss_type=["sigmoid", "sft"] (issue 14.5)
+    assert "TRL 1.16 has no ``rpo_alpha``" in get_loss("rpo").doc
+    assert '["sigmoid", "sft"]' in get_loss("rpo").doc
+    assert "prompt" in get_loss("orpo").doc
+    assert "2 × TRL" in get_loss("kto_paired").doc and "½ × TRL" in get_loss("sppo").doc
