@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from preflens.attribution.recall import LABELS, CounterfactualPrompt, generate_continuations
 from preflens.errors import ConfigError
 
-__all__ = ["scale_heads", "scaling_sweep", "alpha_grid"]
+__all__ = ["scale_heads", "scaling_sweep", "alpha_grid", "official_alpha_grid", "numpy_arange"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,47 @@ def scale_heads(bridge, scales: HeadScales):
 
 
 def alpha_grid(lo: float, hi: float, step: float) -> list[float]:
-    """``lo, lo+step, ..., hi`` rounded to 6 decimals, with exactly 0 and 1 included
-    (factual_recall.md §6.2: memory head ``(-5, 5, 0.1)``, in-context head ``(-10, 10, 0.5)``)."""
+    """``lo, lo+step, ..., hi`` (hi included) rounded to 6 decimals, with exactly 0 and 1 added.
+
+    A cleaned-up grid for sweeps (α = 1 must reproduce the baseline, so it is always present).
+    It is NOT the official grid of Yu et al. 2023: their code used ``np.arange(-5, 6, 0.1)``
+    (memory head, −5 … 5.9) and ``np.arange(-10., 11., 0.5)`` (in-context head, −10 … 10.5), whose
+    values neither stop at 5 / 10 nor hit 0 and 1 exactly; :func:`official_alpha_grid` gives those.
+    """
     if step <= 0 or hi < lo:
         raise ConfigError("alpha_grid", f"need step > 0 and hi >= lo, got ({lo}, {hi}, {step})")
     n = int(math.floor((hi - lo) / step + 1e-9))
     vals = {round(lo + i * step, 6) for i in range(n + 1)} | {0.0, 1.0}
     return sorted(v + 0.0 for v in vals)
+
+
+def numpy_arange(start: float, stop: float, step: float) -> list[float]:
+    """The values of ``numpy.arange(start, stop, step)`` for floats, bit for bit, without numpy.
+
+    numpy takes ``ceil((stop - start)/step)`` values ``start + i*delta`` with
+    ``delta = (start + step) - start`` (not ``step``: e.g. ``(-5 + 0.1) + 5 = 0.09999999999999964``).
+    """
+    start, stop, step = float(start), float(stop), float(step)
+    if step == 0 or not all(map(math.isfinite, (start, stop, step))):
+        raise ConfigError("step", f"need finite start/stop and step != 0, got ({start}, {stop}, {step})")
+    n = max(0, math.ceil((stop - start) / step))
+    delta = (start + step) - start
+    return [start + i * delta for i in range(n)]
+
+
+OFFICIAL_ALPHA_GRIDS = {"memory": (-5.0, 6.0, 0.1), "in_context": (-10.0, 11.0, 0.5)}
+
+
+def official_alpha_grid(head_kind: str) -> list[float]:
+    """The α grid of Yu et al. 2023's official sweep scripts, as numpy produced it (110 / 42 values).
+
+    ``"memory"``: ``np.arange(-5, 6, 0.1)`` = −5.0, −4.9, −4.800000000000001, …, 5.899999999999961;
+    ``"in_context"``: ``np.arange(-10., 11., 0.5)`` = −10.0 … 10.5. Parity only: 0 and 1 are not
+    exactly on the memory grid (use :func:`alpha_grid` for analysis).
+    """
+    if head_kind not in OFFICIAL_ALPHA_GRIDS:
+        raise ConfigError("head_kind", f"unknown value {head_kind!r}", allowed=OFFICIAL_ALPHA_GRIDS)
+    return numpy_arange(*OFFICIAL_ALPHA_GRIDS[head_kind])
 
 
 def scaling_sweep(

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
-from preflens.scoring import encode, response_hidden_states
+from preflens.scoring import Encoded, collate, encode, final_hidden, response_hidden_states
 
 __all__ = [
     "ches_scores",
@@ -82,7 +82,10 @@ def ches_scores(
     Returns:
         ``Tensor[n]`` float64 on CPU.  Higher = more similar hidden representations = more
         likelihood displacement expected.  Not symmetric in (chosen, rejected); equals 0 when
-        both responses are a single token (``H+ = H- = h_x``) or identical.
+        both matrices are the single row ``h_x`` (responses of one token *counting EOS*, i.e. an
+        empty response + EOS, or a one-token response scored without EOS) or identical.  A
+        one-token response with EOS appended has two rows (``h_x`` and the state after the
+        token), so its CHES is generally not 0.
 
     Hidden states are cast to float64 **before** summing (raw CHES scales like
     ``|y|^2 ||h||^2`` and overflows in fp16; rank by LN-CHES when lengths vary).
@@ -105,12 +108,47 @@ def _hidden_for_pairs(lm, pairs, batch_size: int) -> tuple[list[Tensor], list[Te
     return h_pos, h_neg
 
 
+def _right_truncated_hidden(lm, pairs, max_tokens: int, batch_size: int):
+    """Hidden rows of the official per-example script (Razin et al. 2024 code): prompt + response
+    right-truncated to ``max_tokens`` tokens (no EOS); rows last prompt position ... last kept
+    token. Untruncated responses give exactly the default rows (EOS-predicting row included)."""
+    prompts = [p.prompt for p in pairs]
+    out = []
+    for texts in ([p.chosen for p in pairs], [p.rejected for p in pairs]):
+        enc = encode(lm.tokenizer, prompts, texts, add_eos=True)
+        kept = []
+        for i, e in enumerate(enc):
+            P = len(e.prompt_ids)
+            k = min(len(e.response_ids) - 1, max_tokens - P)
+            if k < 1:
+                raise DataError(f"pair {i}: no response token left within max_tokens={max_tokens} (prompt "
+                                f"{P} tokens, response {len(e.response_ids) - 1}; the official script skips such pairs; "
+                                "drop them first)", field="pairs")
+            kept.append(Encoded(e.prompt_ids, e.response_ids[:k]))
+        rows: list[Tensor | None] = [None] * len(kept)
+        was = lm.model.training
+        lm.model.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, len(kept), batch_size):
+                    chunk = kept[s : s + batch_size]
+                    hid = final_hidden(lm.model, collate(chunk, pad_id=lm.pad_id, device=lm.device))
+                    for r, e in enumerate(chunk):
+                        P, k = len(e.prompt_ids), len(e.response_ids)
+                        rows[s + r] = hid[r, P - 1 : P + k].float().cpu().clone()
+        finally:
+            lm.model.train(was)
+        out.append(rows)
+    return out[0], out[1]
+
+
 def ches_for_pairs(
     lm,
     pairs: Sequence,
     *,
     length_normalized: bool = False,
     batch_size: int = 16,
+    truncate_right: int | None = None,
 ) -> Tensor:
     """CHES / LN-CHES of ``PreferencePair`` s scored with ``lm`` (Razin et al. 2024, Def. 2).
 
@@ -118,15 +156,27 @@ def ches_for_pairs(
     model (not a compatibility-mode bridge, whose folded/centered weights change ``h``): the
     post-``ln_f`` state at the last prompt position ... last response token, EOS appended to
     each response and counted.  Padding and batch composition do not change the result.
+    A sequence longer than the model context is an error.
+
+    ``truncate_right=512`` reproduces the official per-example script (Razin et al. 2024,
+    Sec. 5: "prompt+response truncated to 512 tokens"): prompt + response without EOS are cut
+    on the right to that many tokens and the rows run from the last prompt position to the
+    last kept token (so a truncated response loses its EOS-predicting row; an untruncated one
+    gives exactly the default rows). A prompt that leaves no response token is a DataError.
 
     Returns:
         ``Tensor[n]`` float64, one score per pair (see :func:`ches_scores`).
     """
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+    if truncate_right is not None and (not isinstance(truncate_right, int) or truncate_right < 2):
+        raise ConfigError("truncate_right", f"must be an integer >= 2 or None, got {truncate_right!r}")
     if len(pairs) == 0:
         return torch.empty(0, dtype=torch.float64)
-    h_pos, h_neg = _hidden_for_pairs(lm, pairs, batch_size)
+    if truncate_right is None:
+        h_pos, h_neg = _hidden_for_pairs(lm, pairs, batch_size)
+    else:
+        h_pos, h_neg = _right_truncated_hidden(lm, pairs, truncate_right, batch_size)
     return ches_scores(h_pos, h_neg, length_normalized=length_normalized)
 
 
@@ -216,24 +266,50 @@ def _as_1d_scores(scores) -> Tensor:
     return s
 
 
-def quantile_subset(scores, q: float, n: int) -> Tensor:
+QUANTILE_COMPAT = ("paper", "official")
+
+
+def quantile_subset(scores, q: float, n: int, *, compat: str = "paper",
+                    rounding: str | None = None, tie_order: str | None = None) -> Tensor:
     """Indices of ``n`` examples centred on quantile ``q`` of ``scores`` (Razin et al., Sec. 5).
 
-    Sort ascending (stable); the window of ``n`` sorted positions starts at
-    ``round(q·(N-1)) - n // 2`` (round half up) and is shifted to stay inside ``[0, N)``.
-    ``q = 0`` gives the ``n`` lowest, ``q = 1`` the ``n`` highest.
+    Sort ascending; the window of ``n`` sorted positions starts at ``round(q·(N-1)) - n // 2``
+    and is shifted to stay inside ``[0, N)``. ``q = 0`` gives the ``n`` lowest, ``q = 1`` the
+    ``n`` highest. Two named flags, whose defaults ``compat`` chooses:
+
+    * ``rounding``: ``"half_up"`` (paper default: ``floor(x + 0.5)``) or ``"half_even"``
+      (official code: ``int(np.round(x))``; differs when q·(N-1) ends in .5, e.g. q = 0.25, N = 7);
+    * ``tie_order``: ``"stable"`` (paper default: equal scores keep input order) or
+      ``"torch_default"`` (official code: ``torch.argsort(scores)`` without ``stable``, whose
+      order among equal scores is an implementation detail; the scores keep their dtype).
+
+    ``compat="official"`` sets both to the official behaviour.
 
     Returns:
         ``LongTensor[n]`` of indices into ``scores``, in ascending score order.
     """
+    if compat not in QUANTILE_COMPAT:
+        raise ConfigError("compat", f"unknown value {compat!r}", allowed=QUANTILE_COMPAT)
+    official = compat == "official"
+    rounding = rounding or ("half_even" if official else "half_up")
+    tie_order = tie_order or ("torch_default" if official else "stable")
+    if rounding not in ("half_up", "half_even"):
+        raise ConfigError("rounding", f"unknown value {rounding!r}", allowed=("half_up", "half_even"))
+    if tie_order not in ("stable", "torch_default"):
+        raise ConfigError("tie_order", f"unknown value {tie_order!r}", allowed=("stable", "torch_default"))
     s = _as_1d_scores(scores)
     N = s.numel()
     if not 0.0 <= q <= 1.0:
         raise ConfigError("q", f"quantile must be in [0, 1], got {q}")
     if not 1 <= n <= N:
         raise ConfigError("n", f"subset size must be in [1, {N}] (number of scores), got {n}")
-    order = torch.argsort(s, stable=True)
-    centre = math.floor(q * (N - 1) + 0.5)
+    if tie_order == "stable":
+        order = torch.argsort(s, stable=True)
+    else:
+        raw = scores.detach().cpu() if isinstance(scores, Tensor) else torch.as_tensor(scores)
+        order = torch.argsort(raw.reshape(-1))
+    x = q * (N - 1)
+    centre = math.floor(x + 0.5) if rounding == "half_up" else int(round(x))
     start = min(max(centre - n // 2, 0), N - n)
     return order[start : start + n].clone()
 
