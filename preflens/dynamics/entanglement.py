@@ -93,6 +93,32 @@ class GradientStats:
         """ip / min(‖g_w‖², ‖g_l‖²): < 1 iff DPO's case 1 (Table 1). Not the repo's buggy column."""
         return self.inner / torch.minimum(self.norm_w_sq, self.norm_l_sq)
 
+    def logged_means(self, *, condition: str = "paper") -> dict[str, float]:
+        """Means over pairs under the column names of the official analysis/grad_plot.py
+        (Yuan et al. 2024 code): ``InnerProduct``, ``Correlation`` (cos), ``Grad_W_Norm`` (‖g_w‖,
+        not squared), ``Grad_L_Norm``, ``Grad_Condition``.
+
+        ``condition="paper"``: mean of ip / min(‖g_w‖², ‖g_l‖²) (Table 1's condition);
+        ``condition="official"``: the official column, which passes ‖g_w‖² twice to the min and
+        so stores mean(ip/‖g_w‖²) = mean(r_w) -- a bug, for parity with published logs only.
+        """
+        if condition not in ("paper", "official"):
+            raise ConfigError("condition", f"unknown value {condition!r}", allowed=("paper", "official"))
+        cond = self.r_w if condition == "official" else self.condition
+        return {"InnerProduct": float(self.inner.mean()), "Correlation": float(self.cos.mean()),
+                "Grad_W_Norm": float(self.norm_w.mean()), "Grad_L_Norm": float(self.norm_l.mean()),
+                "Grad_Condition": float(cond.mean())}
+
+    def __repr__(self) -> str:
+        n = self.inner.numel()
+        if n == 0:
+            return f"GradientStats(n=0, method={self.method!r})"
+        case1 = int((self.condition < 1).sum())
+        return (f"GradientStats(n={n}, method={self.method!r}, params={len(self.params)}, "
+                f"mean cos={float(self.cos.mean()):.4g}, mean inner={float(self.inner.mean()):.4g}, "
+                f"mean |g_w|={float(self.norm_w.mean()):.4g}, mean |g_l|={float(self.norm_l.mean()):.4g}, "
+                f"case-1 condition < 1: {case1}/{n})")
+
 
 def _encode_pairs(lm, pairs, add_eos: bool) -> tuple[list[Encoded], list[Encoded]]:
     if len(pairs) == 0:
