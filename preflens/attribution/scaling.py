@@ -2,7 +2,7 @@
 
 Source: Yu, Merullo, Pavlick, "Characterizing Mechanisms for Factual Recall in Language Models",
 EMNLP 2023 (arXiv 2310.15910), Sec. 6 (scaling a memory head negatively raises in-context
-answers to 88 % on Pythia-1.4b); spec ``shared/research/factual_recall.md`` §6.
+answers to 88 % on Pythia-1.4b).
 
 Intervention (§6.1): the hook on ``blocks.{L}.attn.hook_v`` (``[batch, pos, n_heads, d_head]``)
 returns a copy with ``[:, :, H, :]`` multiplied by alpha, at **every position** and on **every
@@ -123,7 +123,7 @@ def scaling_sweep(
     batch_size: int = 16,
     keep_degenerate: bool = False,
 ) -> list[dict]:
-    """Label rates of greedy generation per alpha (factual_recall.md §6.2).
+    """Label rates of greedy generation per alpha (Yu et al. 2023, Sec. 6).
 
     For each alpha: :func:`scale_heads` with ``{head: alpha}`` (several heads share the alpha),
     then :func:`~preflens.attribution.recall.generate_continuations` under the hook. The

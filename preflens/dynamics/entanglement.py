@@ -1,8 +1,7 @@
 """Gradient entanglement: per-pair gradient inner products, first-order predictions, token maps.
 
 Source: Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
-Entanglement" (arXiv 2410.13828; ICLR 2025), Eqs. 1–5, Condition 1, Table 1; preflens spec
-``shared/research/gradient_entanglement.md`` §1, §3, §5–§7.
+Entanglement" (arXiv 2410.13828; ICLR 2025), Eqs. 1–5, Condition 1, Table 1, Sec. 4 (token level).
 
 Conventions:
 
@@ -192,7 +191,7 @@ def pair_gradient_stats(
     dtype: torch.dtype | None = None,
     add_eos: bool = True,
 ) -> GradientStats:
-    """Per-pair ⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖² (Yuan et al. 2024 Eqs. 3–5, Table 1; spec §1, §5).
+    """Per-pair ⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖² (Yuan et al. 2024 Eqs. 3–5, Table 1).
 
     Args:
         lm: a :class:`preflens.models.LM`; its plain HF module is used in eval mode.
@@ -263,7 +262,7 @@ def pair_gradient_norms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖g_w‖, ‖g_l‖) per pair, ``[n]`` float64 on CPU, by ghost norms (one forward + backward).
 
-    For the pairwise-normalized mitigation (spec §7): the surrogate −a·(u_w/n_w − u_l/n_l) with
+    For the pairwise-normalized mitigation (Yuan et al. Sec. 5): the surrogate −a·(u_w/n_w − u_l/n_l) with
     these norms detached. Computed in eval mode (no dropout; the mode is restored) on the plain HF
     ``model``; parameter ``.grad`` fields are not touched. Summed log-probs, EOS as encoded.
     """
@@ -309,7 +308,7 @@ def predict_first_order(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order change of (u_w, u_l) after one plain-SGD step of size ``lr`` on ONE pair's loss.
 
-    Yuan et al. 2024 Eqs. 3–5 generalised (spec §1): ∇ℓ = −(a_w g_w − a_l g_l), so
+    Yuan et al. 2024 Eqs. 3–5 generalised to any margin loss: ∇ℓ = −(a_w g_w − a_l g_l), so
     Δu_w ≈ η(a_w n_w² − a_l ip), Δu_l ≈ η(a_w ip − a_l n_l²), with (a_w, a_l) from
     :func:`preflens.dynamics.losses.weights` at ``stats.u_w``, ``stats.u_l``, ``stats.len_*`` and
     the reference log-probs (for losses that need them). Per pair (|B| = 1); for batch-mean steps
@@ -364,7 +363,7 @@ def case_counts(cases: Sequence[str]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TokenSimilarity:
-    """Token-level gradient similarity of one pair (spec §6; paper Fig. 4b).
+    """Token-level gradient similarity of one pair (Yuan et al. Sec. 4, Fig. 4b).
 
     ``inner`` [len_w, len_l] K[t,s] = ⟨g_{w,t}, g_{l,s}⟩ with g_{·,t} = ∇ log π(y_t | x, y_<t)
     (ΣK = ip); ``cos`` = K / outer(norm_w, norm_l); ``norm_w`` [len_w], ``norm_l`` [len_l];
@@ -387,7 +386,7 @@ def _flat_grad(out, params, retain=True) -> torch.Tensor:
 
 def token_gradient_similarity(lm, pair, *, params=None, include_layernorm: bool = True
                               ) -> TokenSimilarity:
-    """Per-token gradient inner products and cosines between a pair's two responses (spec §6).
+    """Per-token gradient inner products and cosines between a pair's two responses (Yuan et al. Fig. 4b).
 
     One backward per response token (the official ``grad_heatmap`` recipe). The rejected side's
     per-token gradients are held in float64: memory len_l × |selected| × 8 bytes, so restrict
@@ -413,7 +412,7 @@ def token_gradient_similarity(lm, pair, *, params=None, include_layernorm: bool 
 
 
 def last_layer_factorization(lm, pair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden_cos, residual_cos, cos), each ``[len_w, len_l]`` float64 (spec §6, "last layer").
+    """(hidden_cos, residual_cos, cos), each ``[len_w, len_l]`` float64 (last layer, exact).
 
     For the unembedding USE only -- the gradient of log π(y_t) with respect to the matrix of the
     logits' linear map, logits = h Wᵀ (+ b) -- the per-token gradient is δ_t h_tᵀ with

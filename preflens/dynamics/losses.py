@@ -1,12 +1,12 @@
 """Registry of pairwise preference losses with closed-form per-pair gradient weights.
 
-Conventions (spec gradient_entanglement.md §1–2): ``u_w``, ``u_l`` [n] are SUMMED response
+Conventions (Yuan et al. 2024, "Gradient Entanglement", Eqs. 1–5): ``u_w``, ``u_l`` [n] are SUMMED response
 log-probs log π(y|x) (EOS appended and counted), ``u_ref_*`` the same under the frozen reference,
 ``len_*`` response lengths in tokens (EOS counted), ū = u/len. r = u − u_ref, M = r_w − r_l.
 Each loss returns the per-pair loss [n] (the caller takes the mean); −log σ(z) is written
 softplus(−z) throughout, so |βM| in the thousands neither overflows nor gives NaN.
 Weights (Yuan et al. 2024, "Gradient Entanglement" §1): a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l, so
-∇ℓ = −(a_w ∇u_w − a_l ∇u_l); written in closed form (spec §2 table) and tested against autograd.
+∇ℓ = −(a_w ∇u_w − a_l ∇u_l); written in closed form and tested against autograd.
 Kinks (relu, hinge) take the strict-inequality branch, as torch's relu does (0 at the kink).
 
 Scale versus TRL 1.16 (checked against its source; tests/dynamics/test_losses.py computes TRL's
@@ -264,7 +264,7 @@ def _register(name, fn, wfn, defaults, *, ref=True, lengths=False):
     LOSSES[name] = LossSpec(name, fn, wfn, dict(defaults), ref, doc, lengths)
 
 
-# Defaults: the Gradient-Entanglement repo's TL;DR settings (spec §8) where it ran the loss,
+# Defaults: the Gradient-Entanglement repo's TL;DR settings (its scripts) where it ran the loss,
 # else the source paper / TRL default. cdpo α = 0.9 (label smoothing 0.1) is illustrative only.
 _register("dpo", _dpo, _dpo_w, {"beta": 0.1})
 _register("cdpo", _cdpo, _cdpo_w, {"beta": 0.1, "alpha": 0.9})
@@ -399,7 +399,7 @@ def weights(name: str, u_w: Tensor, u_l: Tensor, u_ref_w: Tensor | None = None,
             len_l: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
     """Closed-form gradient weights (a_w, a_l), each [n], with a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l.
 
-    Source: Yuan et al. 2024 (Gradient Entanglement) §1, weights table of spec §2. Computed on
+    Source: Yuan et al. 2024 (Gradient Entanglement) §1 generalised per loss. Computed on
     detached inputs (no autograd); same inputs and validation as :func:`compute_loss`.
     """
     spec = get_loss(name)

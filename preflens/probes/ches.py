@@ -1,8 +1,7 @@
 """Centered hidden embedding similarity (CHES) and the baselines it is compared against.
 
 Source: Razin et al., *Unintentional Unalignment: Likelihood Displacement in Direct Preference
-Optimization*, ICLR 2025 (arXiv 2410.08847), Definition 2 and Sec. 5; spec
-``shared/research/likelihood_displacement.md`` §2-§3.
+Optimization*, ICLR 2025 (arXiv 2410.08847), Definition 2, Sec. 5 and App. H (implementation).
 
 Conventions used throughout this module:
 
@@ -183,7 +182,7 @@ def ches_for_pairs(
 def normalized_edit_distance(ids_a: Sequence[int], ids_b: Sequence[int]) -> float:
     """Token-level Levenshtein distance divided by ``max(len(a), len(b))``.
 
-    Baseline of Razin et al. 2024, Sec. 5 (spec §3).  Inputs are response token ids **without**
+    Baseline of Razin et al. 2024, Sec. 5.  Inputs are response token ids **without**
     EOS.  Unit costs for insertion, deletion and substitution; O(len(a)·len(b)) dynamic
     programme.  Two empty sequences have distance 0.  Result in ``[0, 1]``.
     """
@@ -226,7 +225,7 @@ def edit_similarity_for_pairs(tokenizer, pairs: Sequence) -> Tensor:
 def last_hidden_inner_product(h_chosen: Sequence[Tensor], h_rejected: Sequence[Tensor]) -> Tensor:
     """Raw inner product of the hidden states at the EOS-predicting position.
 
-    Baseline of Razin et al. 2024, Sec. 5 (spec §3): ``<h_{x,y+}, h_{x,y-}>``, post-final-norm
+    Baseline of Razin et al. 2024, Sec. 5: ``<h_{x,y+}, h_{x,y-}>``, post-final-norm
     states at the final position of prompt + response **without** EOS.  With the
     :func:`preflens.scoring.response_hidden_states` convention (rows predict each response
     token, EOS included) that position is the **last row** of each ``[T, d_model]`` matrix

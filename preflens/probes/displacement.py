@@ -1,8 +1,7 @@
 """Likelihood displacement: where probability mass goes, and the unembedding geometry behind it.
 
 Source: Razin et al., *Unintentional Unalignment: Likelihood Displacement in Direct Preference
-Optimization*, ICLR 2025 (arXiv 2410.08847), Sec. 3-4 (Theorems 4-6, Table 13); spec
-``shared/research/likelihood_displacement.md`` §1, §4, §5.
+Optimization*, ICLR 2025 (arXiv 2410.08847), Sec. 3-4 (Theorems 4-6, Table 13).
 
 Conventions: ``W_U`` is ``[d_model, d_vocab]`` (TransformerLens), so the unembedding row of
 token ``z`` in the paper's notation is ``W_z = W_U[:, z]``; HF ``lm_head.weight`` is the
@@ -73,7 +72,7 @@ def unembedding_alignment_from_lm(lm, pos_token: int, neg_token: int) -> Tensor:
 def unembedding_geometry(W_U: Tensor, pos_token: int, neg_token: int) -> dict[str, float]:
     """Table-13 geometry of the preferred and dispreferred unembedding rows.
 
-    Razin et al. 2024, Table 13 (spec §4), with ``W± = W_U[:, y±]``:
+    Razin et al. 2024, Table 13, with ``W± = W_U[:, y±]``:
 
     * ``norm_pos = ||W+||``, ``norm_neg = ||W-||``, ``inner = <W+, W->``;
     * ``proj_coef = <W+, W->/||W+||`` (length of W-'s projection on W+);
@@ -105,7 +104,7 @@ def unembedding_geometry(W_U: Tensor, pos_token: int, neg_token: int) -> dict[st
 def peak_to_trough_drop(prob_trajectory) -> float:
     """Largest fall ``max_{t < t'} (p_t - p_t')`` of a probability trajectory; 0 if it never falls.
 
-    Razin et al. 2024, Sec. 3 single-token metric (spec §1): computed over the sequence
+    Razin et al. 2024, Sec. 3 single-token metric: computed over the sequence
     init, after 1, ..., after T updates; not init-to-final, since y+ often rises first.
     One pass, O(T).  Accepts a list, array or 1-D tensor.
     """
@@ -156,7 +155,7 @@ def top_gaining_tokens(p_start, p_now, k: int = 3, *, log_space: bool = False) -
 def overlap_at_k(alignment, logprob_change, k: int = 10, exclude: Sequence[int] = ()) -> int:
     """Number of tokens in both the top-k by alignment and the top-k by log-prob change.
 
-    Razin et al. 2024, Sec. 3 / Theorem 5 check (spec §1): overlap of the top-10 tokens by
+    Razin et al. 2024, Sec. 3 / Theorem 5 check: overlap of the top-10 tokens by
     ``<W_z, W+ - W->`` (:func:`unembedding_alignment`) with the top-10 by
     ``ln π_t(z|x) - ln π_0(z|x)``.  Tokens in ``exclude`` (normally ``(y+, y-)``, which
     Theorem 5 does not cover) are removed from both rankings first.
@@ -193,7 +192,7 @@ class DisplacementTracker:
       the full next-token log-distribution ``[d_vocab]`` float32 at that position
       (``next_token_logprobs``, rows in the order of :attr:`single_token_pairs`).
 
-    Step semantics follow the spec: step ``t`` = the model after ``t`` updates.
+    Step semantics (paper Sec. 3): step ``t`` = the model after ``t`` updates.
 
     Args:
         lm_or_tokenizer: an ``LM`` (its ``.tokenizer`` is used) or an HF tokenizer.

@@ -1,7 +1,8 @@
 """Ranking accuracy, idealized ranking accuracy and the DPO flip condition.
 
 Source: Chen et al. 2024, "Preference Learning Algorithms Do Not Learn Preference Rankings"
-(NeurIPS 2024, arXiv 2405.19534); spec: ``shared/research/ranking_accuracy.md``.
+(NeurIPS 2024, arXiv 2405.19534). The official code's departures from Eq. 3 (tie band, a1 = 0,
+dropped rows, log-likelihood ratio bug) are flags in :mod:`preflens.probes.official`.
 
 Conventions (all functions):
 * Scores are log-probs of the *response tokens only*: pass summed log-probs s(y) for R and
