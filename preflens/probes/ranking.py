@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
+from preflens.probes.calibration import (  # re-exported: calibration belongs to Chen et al. too
+    CalibrationMetrics, RankCorrelations, calibration_metrics, expected_calibration_error,
+    kendall_tau_b, ranking_correlations, spearman_rho)
 
 __all__ = [
     "ranking_correct", "ranking_accuracy", "ranking_accuracies",
@@ -37,6 +40,8 @@ __all__ = [
     "dpo_margin_bounds",
     "ipo_loss_value", "ipo_loss_bound", "ipo_guarantees_correct",
     "flip_buckets", "tie_aware_correct",
+    "CalibrationMetrics", "calibration_metrics", "expected_calibration_error",
+    "RankCorrelations", "ranking_correlations", "spearman_rho", "kendall_tau_b",
 ]
 
 PAPER_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
