@@ -27,6 +27,8 @@ __all__ = [
     "peak_to_trough_drop",
     "top_gaining_tokens",
     "overlap_at_k",
+    "gain_rank",
+    "hidden_norms",
     "DisplacementTracker",
 ]
 
@@ -175,6 +177,56 @@ def overlap_at_k(alignment, logprob_change, k: int = 10, exclude: Sequence[int] 
     top_a = set(torch.topk(a, k).indices.tolist())
     top_c = set(torch.topk(c, k).indices.tolist())
     return len(top_a & top_c)
+
+
+def gain_rank(logp_init, logp_now, token_ids, *, space: str = "logprob") -> Tensor:
+    """Rank of each preferred token among all tokens' gains since init (Razin et al. 2024, Sec. 3).
+
+    The official token tracker logs, per example and step, where y+ falls when all tokens are
+    sorted by their increase ``ln π_t(z|x) − ln π_0(z|x)`` (``space="logprob"``) or
+    ``π_t(z|x) − π_0(z|x)`` (``space="prob"``), largest first. Here rank = number of tokens with a
+    strictly larger gain (0 = y+ gained most; 0-based like the official argsort position, but
+    ties share the best rank instead of an arbitrary sort order).
+
+    Args:
+        logp_init, logp_now: ``[B, d_vocab]`` (or ``[d_vocab]``) next-token log-probabilities at
+            the same prompt positions, at init and at step t.
+        token_ids: ``[B]`` (or scalar) preferred token per row.
+
+    Returns:
+        ``LongTensor[B]`` (a 0-dim tensor for 1-D inputs).
+    """
+    if space not in ("logprob", "prob"):
+        raise ConfigError("space", f"unknown value {space!r}", allowed=("logprob", "prob"))
+    a = torch.as_tensor(logp_init).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(logp_now).detach().to("cpu", torch.float64)
+    one = a.dim() == 1
+    a, b = a.reshape(1, -1) if one else a, b.reshape(1, -1) if one else b
+    if a.shape != b.shape or a.dim() != 2:
+        raise DataError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} must both be [B, d_vocab]",
+                        field="logp_now")
+    t = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if t.numel() != a.shape[0] or ((t < 0) | (t >= a.shape[1])).any():
+        raise ConfigError("token_ids", f"need {a.shape[0]} ids in [0, {a.shape[1]})")
+    gain = b - a if space == "logprob" else b.exp() - a.exp()
+    mine = gain[torch.arange(gain.shape[0]), t]
+    ranks = (gain > mine[:, None]).sum(1)
+    return ranks[0] if one else ranks
+
+
+def hidden_norms(h_init, h_now) -> dict[str, Tensor]:
+    """Norms of the hidden representation h_x at init and now, and of its change (Razin et al.
+    2024, Theorem 4: a small ‖h_x‖ favours displacement; the official tracker logs all three).
+
+    ``h_init``, ``h_now``: ``[B, d_model]`` post-final-norm states at the last prompt position.
+    Returns ``{"init": [B], "now": [B], "change": [B]}`` float64.
+    """
+    a = torch.as_tensor(h_init).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(h_now).detach().to("cpu", torch.float64)
+    if a.shape != b.shape or a.dim() != 2:
+        raise DataError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} must both be [B, d_model]",
+                        field="h_now")
+    return {"init": a.norm(dim=1), "now": b.norm(dim=1), "change": (b - a).norm(dim=1)}
 
 
 class DisplacementTracker:
