@@ -40,13 +40,14 @@ METHODS = ("ghost", "exact")
 class Options:
     """``method`` ghost (default) or exact; ``params`` a parameter selection (None = all, or a
     preset/regex of :func:`preflens.dynamics.ghost.select_parameters`); ``include_layernorm``;
-    ``loss`` and ``loss_kwargs`` for the predicted first-step case (default DPO, β = 0.1)."""
+    ``loss`` and ``loss_kwargs`` for the predicted first-step case (default DPO with the registry's
+    defaults, β = 0.1)."""
 
     method: str = "ghost"
     params: str | None = None
     include_layernorm: bool = True
     loss: str = "dpo"
-    loss_kwargs: dict = field(default_factory=lambda: {"beta": 0.1})
+    loss_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +93,8 @@ def _stats(values: list) -> dict:
 
 def summarize(rows, opts: Options, has_reference: bool) -> dict:
     """Means/medians, the share of positively entangled pairs and the predicted-case counts."""
+    from preflens.dynamics.losses import resolve_kwargs
+
     counts = case_counts([r["case"] for r in rows])
     inner = [r["inner"] for r in rows]
     return {
@@ -103,7 +106,7 @@ def summarize(rows, opts: Options, has_reference: bool) -> dict:
                                               for r in rows) / len(rows),
         "predicted_cases": counts,
         "predicted_cases_fraction": {c: counts[c] / len(rows) for c in CASES},
-        "loss": opts.loss, "loss_kwargs": dict(opts.loss_kwargs),
+        "loss": opts.loss, "loss_kwargs": resolve_kwargs(opts.loss, dict(opts.loss_kwargs)),
     }
 
 
