@@ -49,12 +49,15 @@ __all__ = [
     "ASSETS_DIR",
     "OFFLINE_TOKENIZER_DIR",
     "build_offline_tokenizer",
+    "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 OFFLINE_TOKENIZER_DIR = ASSETS_DIR / "tokenizer-bpe512"
+# The model every command and recipe uses when none is named (an offline name, see offline_models()).
+DEFAULT_MODEL = "toyworld"
 EOS_TOKEN = "<|endoftext|>"
 _WEIGHT_FILES = (
     "model.safetensors",

@@ -6,7 +6,9 @@ The recipe itself -- its `Config` dataclass and steps in order -- is
 Writes figures/factual_recall/*.png and results/factual_recall.json under --out (default: the current directory).
 """
 
-from preflens.reproduce import script_main
+import sys
+
+from preflens.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(script_main("factual-recall"))
+    raise SystemExit(main(["reproduce", "factual-recall", *sys.argv[1:]]))

@@ -6,7 +6,9 @@ The recipe itself -- its `Config` dataclass and steps in order -- is
 Writes figures/gradient_entanglement/*.png and results/gradient_entanglement.json under --out (default: the current directory).
 """
 
-from preflens.reproduce import script_main
+import sys
+
+from preflens.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(script_main("gradient-entanglement"))
+    raise SystemExit(main(["reproduce", "gradient-entanglement", *sys.argv[1:]]))

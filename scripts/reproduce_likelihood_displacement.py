@@ -6,7 +6,9 @@ The recipe itself -- its `Config` dataclass and steps in order -- is
 Writes figures/likelihood_displacement/*.png and results/likelihood_displacement.json under --out (default: the current directory).
 """
 
-from preflens.reproduce import script_main
+import sys
+
+from preflens.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(script_main("likelihood-displacement"))
+    raise SystemExit(main(["reproduce", "likelihood-displacement", *sys.argv[1:]]))

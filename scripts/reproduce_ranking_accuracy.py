@@ -6,7 +6,9 @@ The recipe itself -- its `Config` dataclass and steps in order -- is
 Writes figures/ranking_accuracy/*.png and results/ranking_accuracy.json under --out (default: the current directory).
 """
 
-from preflens.reproduce import script_main
+import sys
+
+from preflens.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(script_main("ranking-accuracy"))
+    raise SystemExit(main(["reproduce", "ranking-accuracy", *sys.argv[1:]]))

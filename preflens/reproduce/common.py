@@ -25,6 +25,7 @@ from typing import Any
 
 from preflens.data.io import write_json
 from preflens.errors import ConfigError, DataError
+from preflens.models import DEFAULT_MODEL
 
 __all__ = [
     "RecipeContext", "ProgressCallback", "format_table", "check_finite", "config_hash", "toyworld_world",
@@ -105,7 +106,7 @@ class RecipeContext:
     """Where a recipe writes, which model it uses, and its resumable step cache."""
 
     paper: str
-    model: str = "toyworld"
+    model: str = DEFAULT_MODEL
     device: str | None = None
     out: Path = field(default_factory=Path.cwd)
     quick: bool = False

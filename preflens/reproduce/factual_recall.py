@@ -202,8 +202,3 @@ def summary(results: dict) -> str:
                  f"{s['baseline_in_context_rate']:.3f} → {s['in_context_rate']:.3f}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from preflens.reproduce import script_main
-
-    raise SystemExit(script_main("factual-recall"))

@@ -289,8 +289,3 @@ def summary(results: dict) -> str:
             + f"\noverlap: one token cos {ov['one_token']['mean_cos']:.2f} Δchosen {ov['one_token']['chosen_delta']:.2f}; "
             f"shared suffix cos {ov['shared_suffix']['mean_cos']:.2f} Δchosen {ov['shared_suffix']['chosen_delta']:.2f}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from preflens.reproduce import script_main
-
-    raise SystemExit(script_main("gradient-entanglement"))

@@ -248,8 +248,3 @@ def summary(results: dict) -> str:
     return f"{t1}\n\n{t2}\nSpearman(quantile, Δ⁺): CHES {results['spearman_ches_vs_delta']:.2f}; " + ", ".join(
         f"{m} {v:.2f}" for m, v in results["spearman_baselines_vs_delta"].items())
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from preflens.reproduce import script_main
-
-    raise SystemExit(script_main("likelihood-displacement"))

@@ -199,8 +199,3 @@ def summary(results: dict) -> str:
         f"{results['theorem_4_1_agreement']:.3f}"
     )
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from preflens.reproduce import script_main
-
-    raise SystemExit(script_main("ranking-accuracy"))

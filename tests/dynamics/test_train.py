@@ -16,7 +16,7 @@ import torch
 
 from preflens.data import PreferencePair, write_pairs
 from preflens.dynamics import losses
-from preflens.dynamics.cli import main as cli_main
+from preflens.cli import main as cli_main
 from preflens.dynamics.refcache import reference_logprobs
 from preflens.dynamics.train import epoch_batches, train_preference
 from preflens.errors import ConfigError, TrainingError

@@ -2,7 +2,7 @@
 config values, JSONL data, model names and directories, checkpoint/run directories, and the
 output directory (unwritable, disk full).
 
-Every CLI case must exit with status 2 and end stderr with ONE line ``preflens: error: ...``
+Every CLI case must exit with status 2 and end stderr with ONE line ``preflens <command>: error: ...``
 that names the option / file:line / directory and the reason, with no traceback, and must leave
 no file in the (fresh) output directory. API cases assert the ``PreflensError`` subclass and its
 structured fields. The JSONL cases of ``tests/data/test_io.py`` (reader level) are not repeated
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def _assert_one_line_error(rc, err, *fragments):
     assert rc == 2, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("preflens: error: "), err
+    assert re.match(r"preflens [a-z]+: error: ", last), err
     for f in fragments:
         assert str(f) in last, (f, last)
 
@@ -237,7 +238,7 @@ def test_subprocess_error_is_exactly_one_stderr_line(env, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "preflens.cli", *argv], capture_output=True, text=True,
                               timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines() == [f"preflens: error: {want}"]
+        assert proc.stderr.strip().splitlines() == [f"preflens train: error: {want}"]
     assert _files(tmp_path / "run") == []
 
 

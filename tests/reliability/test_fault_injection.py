@@ -255,7 +255,7 @@ def test_corrupt_checkpoints_through_the_cli(tmp_path, reference):
     rc, stdout, stderr = run.complete(out)
     assert rc == 2
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("preflens: error: no good checkpoint to resume from")
+    assert last.startswith("preflens train: error: no good checkpoint to resume from")
     assert "step-00000008 is corrupt: optimizer.safetensors has 100 bytes" in last
     assert "step-00000006 is corrupt: unreadable manifest.json" in last
     assert "Traceback" not in stderr

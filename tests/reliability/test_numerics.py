@@ -187,7 +187,7 @@ def test_inf_activation_through_the_cli(tmp_path, capsys, monkeypatch):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("preflens: error: step 3: non-finite loss") and "Traceback" not in err
+    assert last.startswith("preflens train: error: step 3: non-finite loss") and "Traceback" not in err
     assert f"last good checkpoint: {out / 'checkpoints' / 'step-00000002'}" in last
     assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
     assert not (out / "final-model").exists()

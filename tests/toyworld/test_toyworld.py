@@ -8,7 +8,7 @@ import torch
 
 from preflens.data import read_pairs
 from preflens.toyworld import ASSETS_DIR
-from preflens.toyworld.cli import register
+from preflens.cli.toyworld import register
 from preflens.toyworld.evaluate import decile_bins, evaluate_toyworld
 from preflens.toyworld.train import TrainConfig, train_toyworld
 

@@ -3,7 +3,7 @@
     preflens train --model toyworld --data pairs.jsonl --loss dpo --beta 0.1 --lr 1e-5 \\
         --steps 200 --batch-size 16 --out runs/dpo [--resume/--no-resume] [--loss-kwarg lam=2]
 
-Runs unchanged under ``torchrun --nproc_per_node=N -m preflens.dynamics.cli train ...`` (DDP;
+Runs unchanged under ``torchrun --nproc_per_node=N -m preflens.cli train ...`` (DDP;
 only rank 0 writes and shows the progress bar). Writes ``DIR/metrics.jsonl``, ``DIR/config.json``,
 ``DIR/checkpoints/step-*`` and, unless ``--no-save-model``, the final model in Hugging Face format
 in ``DIR/final-model`` (loadable with ``preflens.models.load_model``). Prints the final metrics
@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from preflens.errors import ConfigError, DataError, PreflensError, TrainingError
+from preflens.models import DEFAULT_MODEL
 
-__all__ = ["register", "run_train", "main"]
+__all__ = ["register", "run_train"]
 
 
 def _loss_kwargs(args) -> dict:
@@ -42,6 +42,8 @@ def _loss_kwargs(args) -> dict:
 class _Progress:
     """tqdm bar over optimizer steps (created at the first step, when the total is known)."""
 
+    name = "progress"
+
     def __init__(self) -> None:
         self.bar = None
 
@@ -59,13 +61,38 @@ class _Progress:
             self.bar.close()
 
 
+class _LastStep:
+    """Remembers the last finished update, for the Ctrl-C message."""
+
+    name = "last-step"
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_step(self, state) -> None:
+        self.step = state.step
+
+
+def _interrupt_message(out: str | Path, step: int) -> str:
+    """``interrupted at step N; ...`` naming the checkpoint a rerun resumes from."""
+    from preflens.dynamics.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(out) / "checkpoints")
+    if found:
+        resume = f"rerun the same command to resume from checkpoint {found[-1].name}"
+    else:
+        resume = "no checkpoint was written yet, so a rerun starts from step 0"
+    return f"interrupted at step {step}; {resume}"
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command to an ``argparse`` sub-parser set; returns its parser."""
     p = subparsers.add_parser(
         "train", help="train a model on preference pairs (DPO and other pairwise losses)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", default="toyworld", help="offline name, HF directory or hub id (default: toyworld)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"offline name, HF directory or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--data", required=True, help="TRL-format JSONL (prompt/chosen/rejected)")
     p.add_argument("--eval-data", help="JSONL of held-out pairs (eval/* metrics)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
@@ -168,7 +195,8 @@ def run_train(args) -> int:
     eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     rank = int(os.environ.get("RANK", "0"))
-    callbacks = [] if args.no_progress or rank != 0 else [_Progress()]
+    last = _LastStep()
+    callbacks = [last] if args.no_progress or rank != 0 else [last, _Progress()]
     try:
         result = train_preference(
             lm, pairs, loss=args.loss, loss_kwargs=kwargs, optimizer=args.optimizer, lr=args.lr,
@@ -181,6 +209,9 @@ def run_train(args) -> int:
         )
     except PreflensError as exc:
         raise _cli_error(exc, args, kwargs) from None
+    except KeyboardInterrupt as exc:
+        exc.preflens_message = _interrupt_message(args.out, last.step)  # read by preflens.cli.main
+        raise
     if rank == 0:
         if args.save_model:
             _save_final_model(lm, Path(args.out))
@@ -188,18 +219,3 @@ def run_train(args) -> int:
                           **result.final_metrics}))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m preflens.dynamics.cli train ...``) until wired into preflens.cli."""
-    parser = argparse.ArgumentParser(prog="preflens")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except PreflensError as exc:
-        print(f"preflens {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``preflens reproduce PAPER``: run one paper's recipe (or ``all``); see :mod:`preflens.reproduce`."""
+
+from __future__ import annotations
+
+import argparse
+
+from preflens.models import DEFAULT_MODEL
+from preflens.reproduce import PAPERS, run_paper
+
+__all__ = ["register"]
+
+
+def _paper_name(text: str) -> str:
+    """``factual_recall`` and ``factual-recall`` name the same paper."""
+    return text.replace("_", "-")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    papers = list(PAPERS) if args.paper == "all" else [args.paper]
+    for paper in papers:
+        run_paper(
+            paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
+            resume=args.resume,
+        )
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``reproduce`` sub-command; returns its parser."""
+    ap = subparsers.add_parser(
+        "reproduce", help="run a paper's reproduction: figures/<paper>/ and results/<paper>.json"
+    )
+    ap.add_argument("paper", type=_paper_name, choices=[*PAPERS, "all"],
+                    help="which paper ('-' or '_' between words)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"offline name (default: {DEFAULT_MODEL}), hub id such as gpt2, or a directory")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--out", default=".", help="folder for figures/ and results/ (default: .)")
+    ap.add_argument("--quick", action="store_true", help="small version for smoke tests (≤ 3 min)")
+    ap.add_argument("--no-resume", dest="resume", action="store_false", help="ignore finished steps")
+    ap.set_defaults(func=_cmd)
+    return ap
