@@ -141,6 +141,11 @@ class LM:
         bridge = TransformerBridge.boot_transformers(
             source, hf_model=hf_copy, tokenizer=self.tokenizer, device=str(self.device)
         )
+        from preflens.scoring import bos_prefix
+
+        # one BOS convention (preflens.scoring): the bridge prepends BOS exactly when the model's
+        # tokenizer adds it to plain text, so bridge.to_tokens(text) == preflens' prompt ids
+        bridge.cfg.default_prepend_bos = bool(bos_prefix(self.tokenizer))
         if compat:
             bridge.enable_compatibility_mode(disable_warnings=True)
         bridge.eval()
@@ -346,6 +351,12 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=dev, dtype=dtype).eval()
+    from preflens.scoring import verify_head
+
+    try:
+        verify_head(model)
+    except ModelError as exc:
+        raise ModelError(f"model '{name}': {exc}") from None
     return LM(model=model, tokenizer=tokenizer, name=name, tokenizer_dir=tokenizer_dir)
 
 

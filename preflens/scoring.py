@@ -9,15 +9,24 @@ Conventions (every probe, the training loop and the reproduction scripts share t
   of Chen et al. 2024 and Yuan et al. 2024).
 * **EOS** is appended to the response by default (``add_eos=True``) and counted as a response
   token, as in Razin et al. 2024 (§1 of the likelihood-displacement spec).
-* **BOS.** GPT-2 has no separate BOS token; its ``<|endoftext|>`` is not prepended by the HF
-  tokenizer and preflens does not prepend it either (``add_bos=False``), matching the factual-
-  recall protocol. Prompts must therefore be non-empty: the first response token is predicted at
-  the last prompt position.
+* **BOS.** BOS is prepended exactly when the model's tokenizer adds it to plain text
+  (``tokenizer("a")`` starts with ids that ``tokenizer("a", add_special_tokens=False)`` lacks:
+  Llama, Mistral, Gemma yes; GPT-2, GPT-NeoX, Qwen2, OLMo no), as the model saw it in training
+  (:func:`bos_prefix`). The prefix belongs to ``Encoded.prompt_ids``. Without a BOS the prompt must
+  be non-empty: the first response token is predicted at the last prompt position.
+* **Unknown words.** A word-level tokenizer that maps a word it does not know to its unknown token
+  would silently score another text; :func:`text_ids` raises :class:`~preflens.errors.DataError`
+  naming the word (and ``file:line`` when the text came from a data file).
 * **Positions.** Logits at position j predict token j + 1. For prompt length P and response length
   R (EOS included) the response is predicted at positions P − 1 … P + R − 2.
 * **Sequence log-prob** ``logp`` = Σ over those R positions of log π(token | prefix): a *sum*,
   never a mean; ``mean_logp`` = logp / R. Log-softmax is taken in fp32 (accumulated in fp64)
   even when the model runs in bf16.
+* **Head.** Log-probs are the model's own ``log_softmax(logits)``: whatever the model does to
+  ``h Wᵀ (+ b)`` after the final norm (Gemma 2/3 final-logit soft-capping ``c·tanh(z/c)``,
+  Cohere's ``logit_scale``, Granite's ``logits_scaling``) is part of the fused head
+  (:class:`LogitHead`); :func:`verify_head` checks it against the model's own logits when a
+  model is loaded and raises :class:`~preflens.errors.ModelError` if they differ.
 * **Padding.** Batches are right-padded; GPT-2's absolute positions then equal the unpadded ones
   and, under the causal mask, no real position sees a pad, so batched scores equal per-example
   unpadded scores (tested ≤ 1e-5) without a padding mask (see :func:`final_hidden`).
@@ -25,21 +34,28 @@ Conventions (every probe, the training loop and the reproduction scripts share t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from preflens.errors import ConfigError, ScoringError
+from preflens.errors import ConfigError, DataError, ModelError, ScoringError
 
 __all__ = [
     "Encoded",
     "Batch",
     "ResponseScores",
+    "LogitHead",
+    "bos_prefix",
+    "text_ids",
     "encode",
     "collate",
+    "logit_head",
+    "verify_head",
     "final_hidden",
+    "head_logits",
     "target_logprobs",
     "token_logprobs",
     "response_logprobs",
@@ -101,8 +117,66 @@ class ResponseScores:
     n_tokens: torch.Tensor
 
 
-def _token_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def bos_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids ``tokenizer`` puts before plain text: ``(bos,)`` for Llama/Mistral/Gemma, ``()``
+    for GPT-2, GPT-NeoX, Qwen2, OLMo (module docstring, BOS).
+
+    Detected by comparing ``tokenizer("a")`` with ``tokenizer("a", add_special_tokens=False)``
+    (the tokenizer's ``add_bos_token`` flag is not reliable: a ``tokenizer.json`` post-processor
+    can add BOS while the flag reads False). Ids the tokenizer appends (an EOS) are ignored.
+    """
+    key = id(tokenizer)
+    cached = _BOS_CACHE.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    full = list(tokenizer("a")["input_ids"])
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    prefix: tuple[int, ...] = ()
+    for k in range(len(full) - len(bare) + 1):
+        if full[k: k + len(bare)] == bare:
+            prefix = tuple(int(i) for i in full[:k])
+            break
+    _BOS_CACHE[key] = (tokenizer, prefix)
+    return prefix
+
+
+_BOS_CACHE: dict[int, tuple[object, tuple[int, ...]]] = {}
+
+
+def _unknown_words(tokenizer, text: str, ids: Sequence[int]) -> list[str]:
+    """Words of ``text`` the tokenizer mapped to its unknown token (a literal unk string in the
+    text is not unknown). Byte-level BPE never produces the unknown token; word-level does."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    unk_text = tokenizer.unk_token
+    words = []
+    for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tid == unk and text[a:b].strip() != unk_text:
+            words.append(text[a:b].strip() or text[a:b])
+    return words
+
+
+def text_ids(tokenizer, text: str, *, bos: bool = False, field: str = "text",
+             source: tuple[str, int] | None = None) -> list[int]:
+    """Token ids of ``text`` without special tokens, with :func:`bos_prefix` first when ``bos``.
+
+    Raises:
+        DataError: a word the tokenizer does not know (it would silently become the unknown
+            token, e.g. toyworld's word-level tokenizer); names the word, ``field`` and, when
+            ``source = (file, line)`` is given, the data file's line.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    unknown = _unknown_words(tokenizer, text, ids)
+    if unknown:
+        file, line = source if source is not None else (None, None)
+        names = ", ".join(repr(w) for w in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise DataError(
+            f"{'word' if len(unknown) == 1 else 'words'} {names} not in the tokenizer's vocabulary "
+            f"(would be scored as the unknown token {tokenizer.unk_token!r})",
+            file=file, line=line, field=field)
+    return (list(bos_prefix(tokenizer)) if bos else []) + ids
 
 
 def encode(
@@ -113,13 +187,24 @@ def encode(
     add_eos: bool = True,
     max_length: int | None = None,
     truncate: str | None = None,
+    sources: Sequence[tuple[str, int] | None] | None = None,
+    response_field: str = "response",
 ) -> list[Encoded]:
-    """Tokenize prompt and response separately and concatenate (module docstring).
+    """Tokenize prompt and response separately and concatenate (module docstring); the prompt
+    starts with :func:`bos_prefix` when the tokenizer adds BOS to plain text.
 
     Args:
         max_length: the model context; longer sequences raise :class:`ScoringError` unless
-            ``truncate="left"``, which drops prompt tokens from the left (at least one is kept).
+            ``truncate="left"``, which drops prompt tokens from the left (after the BOS; at least
+            one is kept).
         truncate: ``None`` (error) or ``"left"``.
+        sources: per example the ``(file, line)`` it was read from (``PreferencePair.source``),
+            so that an unknown word is reported at its line; ``response_field`` names the
+            responses in that message (``"chosen"``, ``"rejected"``).
+
+    Raises:
+        DataError: a word the tokenizer does not know (:func:`text_ids`).
+        ScoringError: empty prompt without BOS, or a sequence longer than ``max_length``.
     """
     if len(prompts) != len(responses):
         raise ScoringError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -128,22 +213,26 @@ def encode(
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ScoringError("add_eos=True but the tokenizer has no EOS token")
+    n_bos = len(bos_prefix(tokenizer))
     out = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        p_ids = _token_ids(tokenizer, prompt)
-        r_ids = _token_ids(tokenizer, response) + ([int(eos)] if add_eos else [])
+        src = sources[i] if sources is not None else None
+        p_ids = text_ids(tokenizer, prompt, bos=True, field="prompt", source=src)
+        r_ids = text_ids(tokenizer, response, field=response_field, source=src)
+        r_ids += [int(eos)] if add_eos else []
         if not p_ids:
             raise ScoringError(f"example {i}: empty prompt (the first response token needs one)")
         if not r_ids:
             raise ScoringError(f"example {i}: empty response and add_eos=False")
         if max_length is not None and len(p_ids) + len(r_ids) > max_length:
-            if truncate != "left" or len(r_ids) + 1 > max_length:
+            if truncate != "left" or len(r_ids) + max(n_bos, 1) > max_length:
                 raise ScoringError(
                     f"example {i}: prompt ({len(p_ids)}) + response ({len(r_ids)}) tokens exceed "
                     f"the model context of {max_length}"
                     + ("" if truncate else "; pass truncate='left' to drop prompt tokens")
                 )
-            p_ids = p_ids[len(p_ids) + len(r_ids) - max_length :]
+            drop = len(p_ids) + len(r_ids) - max_length
+            p_ids = p_ids[:n_bos] + p_ids[n_bos + drop:]
         out.append(Encoded(tuple(p_ids), tuple(r_ids)))
     return out
 
@@ -198,32 +287,153 @@ def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class LogitHead:
+    """What a model does to its final hidden state ``h`` (after the final norm):
+
+        z = h Wᵀ + b                      (the unembedding; ``W`` = ``lm_head.weight`` [V, d])
+        logits = cap(scale · z),  cap(x) = c·tanh(x / c)  (identity when ``softcap`` is None)
+
+    ``scale``: Cohere ``logit_scale`` (×), Granite ``logits_scaling`` (÷), Falcon-H1
+    ``lm_head_multiplier`` (×); ``softcap``: Gemma 2/3 ``final_logit_softcapping`` (Gemma Team
+    2024, "Gemma 2", §2: logits ← c·tanh(logits/c), c = 30). ``scale · z`` is the linear, pre-cap
+    logit that direct logit attribution decomposes.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def is_linear(self) -> bool:
+        return self.softcap is None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits from the unembedding output ``z`` (any shape)."""
+        x = z * self.scale if self.scale != 1.0 else z
+        if self.softcap is not None:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x
+
+    def derivative(self, z: torch.Tensor) -> torch.Tensor | None:
+        """d logits / d z elementwise, or ``None`` when it is the constant ``scale``."""
+        if self.softcap is None:
+            return None
+        t = torch.tanh(z * (self.scale / self.softcap))
+        return (1.0 - t * t) * self.scale
+
+    def backward(self, z: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+        """∂/∂z given ∂/∂logits (in place on ``grad_logits`` when possible)."""
+        d = self.derivative(z)
+        if d is not None:
+            return grad_logits.mul_(d)
+        return grad_logits.mul_(self.scale) if self.scale != 1.0 else grad_logits
+
+
+_SCALE_KEYS = (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False))
+
+
+def logit_head(model) -> LogitHead:
+    """The :class:`LogitHead` of a HF causal LM, from its config (see :class:`LogitHead`).
+
+    Raises:
+        ModelError: a config value preflens cannot apply (non-numeric or non-positive).
+    """
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = 1.0
+    for key, divide in _SCALE_KEYS:
+        value = getattr(cfg, key, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelError(f"model config {key}={value!r}: preflens' fused head cannot apply it")
+        scale = scale / float(value) if divide else scale * float(value)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+        raise ModelError(f"model config final_logit_softcapping={cap!r} is not a positive number")
+    return LogitHead(scale=scale, softcap=float(cap) if cap is not None else None)
+
+
+def head_logits(model, hidden: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[..., V]`` full logits of ``hidden`` (post-final-norm) through the model's head
+    (:func:`logit_head`), computed in ``dtype`` (default: the hidden's). Builds the whole
+    vocabulary: for checks and small inputs; scoring uses the chunked :func:`target_logprobs`."""
+    head = model.get_output_embeddings()
+    dt = dtype or hidden.dtype
+    bias = getattr(head, "bias", None)
+    z = F.linear(hidden.to(dt), head.weight.to(dt), None if bias is None else bias.to(dt))
+    return logit_head(model)(z)
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def verify_head(model, *, n_tokens: int = 8) -> LogitHead:
+    """Check that preflens' head reproduces the model's own log-softmax; returns the head.
+
+    Runs the model (eval mode, the previous mode restored) on ``n_tokens`` fixed ids and compares
+    ``log_softmax`` of its ``logits`` with :func:`head_logits` of :func:`final_hidden`
+    (tolerance 1e-4 relative to the largest |log-prob| for fp32/fp64, 2e-2 for half types).
+    Done once per model object (``load_model`` calls it).
+
+    Raises:
+        ModelError: the model transforms its logits in a way the fused head does not reproduce.
+    """
+    if model in _VERIFIED:
+        return logit_head(model)
+    head = logit_head(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = (torch.arange(n_tokens, device=device) * 7919 + 11) % vocab
+    batch = collate([Encoded(tuple(ids[:1].tolist()), tuple(ids[1:].tolist()))], pad_id=0,
+                    device=device)
+    was = model.training
+    model.eval()
+    try:
+        own = model(input_ids=batch.input_ids, use_cache=False).logits.double().log_softmax(-1)
+        ours = head_logits(model, final_hidden(model, batch), dtype=torch.float64).log_softmax(-1)
+    finally:
+        model.train(was)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    err = float((own - ours).abs().max())
+    tol = (2e-2 if half else 1e-4) * max(1.0, float(own.abs().max()))
+    if not err <= tol:
+        raise ModelError(
+            f"{type(model).__name__}: preflens' fused head (final norm → unembedding → "
+            f"{head}) differs from the model's own log-softmax by {err:.3g} nats; this family "
+            "transforms its logits in a way preflens does not support")
+    _VERIFIED[model] = True
+    return head
+
+
 class _TargetLogprob(torch.autograd.Function):
-    """log softmax(h Wᵀ + b)[target] over vocabulary chunks, never holding [N, V] logits.
+    """log softmax(head(h Wᵀ + b))[target] over row chunks, never holding [N, V] logits.
 
     Forward computes fp32 logits for ``chunk`` rows at a time and keeps only the log-sum-exp;
-    backward recomputes each chunk's softmax: d/dlogits = g·(onehot − p). Memory O(chunk·V).
+    backward recomputes each chunk's softmax: d/dlogits = g·(onehot − p), then through the
+    :class:`LogitHead` (scale, soft-cap derivative) to d/dz. Memory O(chunk·V).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk):  # noqa: D401
+    def forward(ctx, h, weight, bias, target, chunk, head):  # noqa: D401
         acc = _acc_dtype(weight)
         lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
         tgt_logit = torch.empty_like(lse)
         w32 = weight.to(acc)
         b32 = bias.to(acc) if bias is not None else None
         for s in range(0, h.shape[0], chunk):
-            logits = F.linear(h[s : s + chunk].to(acc), w32, b32)
+            logits = head(F.linear(h[s : s + chunk].to(acc), w32, b32))
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             tgt_logit[s : s + chunk] = logits.gather(1, target[s : s + chunk, None]).squeeze(1)
         ctx.save_for_backward(h, weight, bias, target, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.head = chunk, head
         return tgt_logit - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, target, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, head = ctx.chunk, ctx.head
         acc = _acc_dtype(weight)
         w32 = weight.to(acc)
         b32 = bias.to(acc) if bias is not None else None
@@ -233,9 +443,10 @@ class _TargetLogprob(torch.autograd.Function):
         grad_b = torch.zeros_like(b32) if (need_b and bias is not None) else None
         for s in range(0, h.shape[0], chunk):
             h_c = h[s : s + chunk].to(acc)
-            logits = F.linear(h_c, w32, b32)
-            d = torch.exp(logits - lse[s : s + chunk, None]).mul_(-grad_out[s : s + chunk, None])
+            z = F.linear(h_c, w32, b32)
+            d = torch.exp(head(z) - lse[s : s + chunk, None]).mul_(-grad_out[s : s + chunk, None])
             d.scatter_add_(1, target[s : s + chunk, None], grad_out[s : s + chunk, None].to(acc))
+            d = head.backward(z, d)
             if need_h:
                 grad_h[s : s + chunk] = (d @ w32).to(h.dtype)
             if need_w:
@@ -244,7 +455,7 @@ class _TargetLogprob(torch.autograd.Function):
                 grad_b += d.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def target_logprobs(
@@ -254,31 +465,35 @@ def target_logprobs(
     target: torch.Tensor,
     *,
     chunk_size: int = 2048,
+    head: LogitHead | None = None,
 ) -> torch.Tensor:
-    """``[N]`` log softmax(h Wᵀ + b)[target] for rows ``h`` ``[N, d]``; differentiable.
+    """``[N]`` log softmax(head(h Wᵀ + b))[target] for rows ``h`` ``[N, d]``; differentiable.
 
-    ``weight`` is the HF ``lm_head.weight`` ``[V, d]``. Logits are formed in fp32 from the stored
+    ``weight`` is the HF ``lm_head.weight`` ``[V, d]``; ``head`` the model's post-unembedding
+    transform (:func:`logit_head`; default identity). Logits are formed in fp32 from the stored
     weights (so a bf16 model still gets an fp32 log-softmax; an fp64 model gets fp64)
     ``chunk_size`` rows at a time.
     """
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=_acc_dtype(weight))
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return _TargetLogprob.apply(h, weight, bias, target, max(1, int(chunk_size)))
+        return _TargetLogprob.apply(h, weight, bias, target, max(1, int(chunk_size)),
+                                    head or LogitHead())
 
 
 def token_logprobs(model, batch: Batch, *, chunk_size: int = 2048) -> torch.Tensor:
     """``[B, S]`` fp32 (fp64 for an fp64 model) log π(token j+1 | tokens ≤ j) at response-predicting positions, 0 elsewhere.
 
     Differentiable with respect to the model's parameters; summing over S gives the summed
-    sequence log-prob. Only response positions reach the unembedding (no ``[B, S, V]`` tensor).
+    sequence log-prob. Only response positions reach the unembedding (no ``[B, S, V]`` tensor);
+    the model's own logit transform (:func:`logit_head`: soft-capping, logit scale) is applied.
     """
     hidden = final_hidden(model, batch)
     mask = batch.response_mask
     head = model.get_output_embeddings()
     lp = target_logprobs(
         hidden[mask], head.weight, getattr(head, "bias", None), batch.targets[mask],
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, head=logit_head(model),
     )
     out = torch.zeros(mask.shape, dtype=lp.dtype, device=hidden.device)
     return out.masked_scatter(mask, lp)
@@ -321,9 +536,11 @@ def _token_budget(lm) -> int | None:
     return CPU_MAX_TOKENS if lm.device.type == "cpu" else None
 
 
-def _encode_for(lm, prompts, responses, add_eos, truncate) -> list[Encoded]:
+def _encode_for(lm, prompts, responses, add_eos, truncate, sources=None,
+                response_field="response") -> list[Encoded]:
     return encode(
-        lm.tokenizer, prompts, responses, add_eos=add_eos, max_length=lm.n_ctx, truncate=truncate
+        lm.tokenizer, prompts, responses, add_eos=add_eos, max_length=lm.n_ctx, truncate=truncate,
+        sources=sources, response_field=response_field,
     )
 
 
@@ -349,14 +566,17 @@ def response_logprobs(
     batch_size: int = 16,
     add_eos: bool = True,
     truncate: str | None = None,
+    sources: Sequence[tuple[str, int] | None] | None = None,
+    response_field: str = "response",
 ) -> ResponseScores:
     """Score ``responses`` given ``prompts`` with ``lm.model`` (module conventions), batched.
 
     Batches are length-bucketed and right-padded; results come back in input order and equal
     per-example unpadded scoring (≤ 1e-5 in fp32). The model is run in eval mode and put back
-    in the mode it was in.
+    in the mode it was in. ``sources``: per example the ``(file, line)`` it came from, named (with
+    ``response_field``) by the error for a word the tokenizer does not know (:func:`encode`).
     """
-    encoded = _encode_for(lm, prompts, responses, add_eos, truncate)
+    encoded = _encode_for(lm, prompts, responses, add_eos, truncate, sources, response_field)
     n = len(encoded)
     t_max = max((len(e.response_ids) for e in encoded), default=0)
     tok_lp = torch.zeros((n, t_max), dtype=torch.float32)
@@ -381,13 +601,15 @@ def response_hidden_states(
     batch_size: int = 16,
     add_eos: bool = True,
     truncate: str | None = None,
+    sources: Sequence[tuple[str, int] | None] | None = None,
+    response_field: str = "response",
 ) -> list[torch.Tensor]:
     """Per example ``[R, d_model]`` fp32 (CPU): post-final-norm hidden states at the R positions
     that predict each response token -- last prompt position … second-to-last response token,
     EOS counted in the response (Razin et al. 2024, CHES positions). ``h @ W_Uᵀ (+ b)``
     reproduces the logits at those positions.
     """
-    encoded = _encode_for(lm, prompts, responses, add_eos, truncate)
+    encoded = _encode_for(lm, prompts, responses, add_eos, truncate, sources, response_field)
     out: list[torch.Tensor | None] = [None] * len(encoded)
     for idx, batch in _eval_batches(lm, encoded, batch_size):
         hidden = final_hidden(lm.model, batch).float().cpu()

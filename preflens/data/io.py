@@ -149,7 +149,8 @@ def _pair_from_obj(obj: dict, path: Path, lineno: int, tokenizer) -> PreferenceP
             key = "chosen" if isinstance(values["chosen"], list) else "rejected"
             raise DataError("message list given but the prompt is a plain string", field=key)
         return PreferencePair(
-            **values, id=obj.get("id"), votes=obj.get("votes"), alpha=obj.get("alpha")
+            **values, id=obj.get("id"), votes=obj.get("votes"), alpha=obj.get("alpha"),
+            source=(str(path), lineno),
         )
     except DataError as exc:
         raise DataError(exc.reason, file=path, line=lineno, field=exc.field) from None

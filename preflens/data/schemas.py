@@ -44,6 +44,9 @@ class PreferencePair:
     id: str | None = None
     votes: tuple[str, ...] | None = None
     alpha: float | None = None
+    #: ``(file, line)`` the pair was read from (set by ``read_pairs``), so that errors found
+    #: later -- e.g. a word the tokenizer does not know -- name the line. Not part of equality.
+    source: tuple[str, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "chosen", "rejected"):

@@ -123,10 +123,11 @@ def _encode_pairs(lm, pairs, add_eos: bool) -> tuple[list[Encoded], list[Encoded
     if len(pairs) == 0:
         raise ConfigError("pairs", "no preference pairs given")
     prompts = [p.prompt for p in pairs]
+    sources = [getattr(p, "source", None) for p in pairs]
     enc_w = encode(lm.tokenizer, prompts, [p.chosen for p in pairs], add_eos=add_eos,
-                   max_length=lm.n_ctx)
+                   max_length=lm.n_ctx, sources=sources, response_field="chosen")
     enc_l = encode(lm.tokenizer, prompts, [p.rejected for p in pairs], add_eos=add_eos,
-                   max_length=lm.n_ctx)
+                   max_length=lm.n_ctx, sources=sources, response_field="rejected")
     return enc_w, enc_l
 
 

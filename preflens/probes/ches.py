@@ -102,8 +102,11 @@ def ches_scores(
 
 def _hidden_for_pairs(lm, pairs, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
     prompts = [p.prompt for p in pairs]
-    h_pos = response_hidden_states(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    h_neg = response_hidden_states(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size)
+    src = [getattr(p, "source", None) for p in pairs]
+    h_pos = response_hidden_states(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size,
+                                   sources=src, response_field="chosen")
+    h_neg = response_hidden_states(lm, prompts, [p.rejected for p in pairs],
+                                   batch_size=batch_size, sources=src, response_field="rejected")
     return h_pos, h_neg
 
 

@@ -190,9 +190,10 @@ def test_ghost_equals_exact_fp32_toyworld():
         lm = load_model("toyworld", device="cpu")
     except ModelError as exc:
         pytest.skip(f"toyworld checkpoint not available: {exc}")
-    dec = lm.tokenizer.decode  # build texts from the model's own vocabulary (word-level)
-    pairs = [PreferencePair(dec(list(range(5, 12))), dec([12, 13, 14]), dec([15, 16, 17, 18, 12])),
-             PreferencePair(dec(list(range(20, 24))), dec([30]), dec([31, 32]))]
+    # in-vocabulary text (decoding arbitrary word-level ids does not round-trip: unknown words)
+    pairs = [PreferencePair("Q: What is the capital of France?\nA:", " Paris.",
+                            " The capital of France is Warsaw."),
+             PreferencePair("The capital of Japan is", " Tokyo", " Rome.")]
     ghost = pair_gradient_stats(lm, pairs, method="ghost")
     exact = pair_gradient_stats(lm, pairs, method="exact")
     _assert_close(ghost, exact, 1e-4)
