@@ -26,6 +26,8 @@ _SUBCOMMAND_MODULES = (
     "preflens.cli.toyworld",
     "preflens.cli.train",
     "preflens.cli.reproduce",
+    "preflens.cli.measure",
+    "preflens.cli.filter",
 )
 
 

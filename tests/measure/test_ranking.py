@@ -68,19 +68,25 @@ def test_bad_options(tmp_path, toy_pairs, tiny):
 
 
 @pytest.mark.slow
-def test_reproduces_the_ranking_recipe_reference(tmp_path):
-    """The recipe's pairs (1,000 toyworld multi-token pairs, 4 votes, seed 0) give the committed
-    reference R, R̃ and R* (exact, from votes, length-normalized) of results/ranking_accuracy.json."""
+def test_cli_reproduces_the_ranking_recipe_reference(tmp_path, capsys):
+    """`preflens measure ranking --model toyworld --data <the recipe's pairs>` (1,000 toyworld
+    multi-token pairs, 4 votes, seed 0) gives the committed reference R, R̃ and R* (exact, from
+    votes, length-normalized) of results/ranking_accuracy.json exactly."""
+    from preflens.cli import main
+    from preflens.data import write_pairs
     from preflens.data.toyworld.prefs import multi_token_pairs
     from preflens.reproduce.common import toyworld_world
     from preflens.reproduce.ranking_accuracy import Config
 
     cfg = Config()
     pairs = multi_token_pairs(toyworld_world(), cfg.n_pairs, votes=cfg.votes, seed=cfg.data_seed)
-    s = measure("ranking", model="toyworld", data=pairs, out_dir=tmp_path, device="cpu",
-                options={"betas": cfg.betas}, progress=False)
+    data = write_pairs(tmp_path / "multi.jsonl", pairs)
+    rc = main(["measure", "ranking", "--model", "toyworld", "--data", str(data), "--device", "cpu",
+               "--betas", ",".join(map(str, cfg.betas)), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "out" / "summary.json").read_text())["results"]
     ref = json.loads((ROOT / "results" / "ranking_accuracy.json").read_text())["reference"]
-    r = s["results"]
+    assert r["n_pairs"] == 1000
     assert r["ranking_accuracy"] == ref["ranking_accuracy"] == 0.823
     assert r["ranking_accuracy_mean"] == ref["ranking_accuracy_mean"]
     for block in (None, "from_votes", "length_normalized"):
