@@ -26,7 +26,7 @@ import torch
 
 from preflens.dynamics.ghost import GhostCapture, select_parameters, summed_token_logprobs
 from preflens.errors import ConfigError
-from preflens.scoring import Encoded, collate, encode, final_hidden
+from preflens.scoring import Encoded, collate, encode, final_hidden, logit_head
 
 __all__ = [
     "GradientStats",
@@ -198,14 +198,14 @@ def pair_gradient_stats(
         lm: a :class:`preflens.models.LM`; its plain HF module is used in eval mode.
         pairs: objects with ``prompt``/``chosen``/``rejected`` (e.g. ``PreferencePair``).
         params: parameter selection (:func:`preflens.dynamics.ghost.select_parameters`): ``None``
-            (all trainable), names, a regex, or ``"unembed"``, ``"last_block"``, ``"embeddings"``,
-            ``"attention"``, ``"mlp"``.
+            or ``"all"`` (all trainable), names, a regex, or ``"unembed"``, ``"last_block"``,
+            ``"embeddings"``, ``"attention"``, ``"mlp"``.
         method: ``"ghost"`` -- one forward + ONE backward of Σ(u_w + u_l) per batch, chosen and
             rejected as separate rows, no per-example gradient materialized (LayerNorm's d-dim
             gradients excepted; :mod:`preflens.dynamics.ghost`); ``"exact"`` -- two backwards per
             pair, per-parameter float64 dot products.
         batch_size: pairs per ghost forward (2 × rows).
-        include_layernorm: ``False`` drops LayerNorm parameters from the selection (both methods).
+        include_layernorm: ``False`` drops norm parameters of any kind (LayerNorm, RMSNorm).
         dtype: run on a deep copy of the model in this dtype (e.g. ``torch.float64`` for tests).
         add_eos: append EOS to responses (default, the quantity the training loop uses).
 
@@ -422,12 +422,14 @@ def last_layer_factorization(lm, pair) -> tuple[torch.Tensor, torch.Tensor, torc
     With an output bias b the (W, b) gradient is δ[h; 1]ᵀ, inner (⟨h,h'⟩ + 1)⟨δ,δ'⟩, and
     ``hidden_cos`` is the cosine of the augmented [h; 1]. For a TIED model (GPT-2) this is NOT the
     gradient of the ``wte`` parameter, which also carries the input-embedding part; it equals the
-    per-token gradient of an untied copy's ``lm_head.weight``. h = post-final-norm hidden state at
+    per-token gradient of an untied copy's ``lm_head.weight``. With a logit head (Gemma 2
+    soft-capping, :class:`preflens.scoring.LogitHead`) δ_t = (e_{y_t} − π_t) ⊙ head'(z_t), the
+    gradient with respect to z = h Wᵀ + b. h = post-final-norm hidden state at
     the positions predicting each response token (EOS counted); computed in float64.
     """
     model = lm.model
     enc_w, enc_l = _encode_pairs(lm, [pair], True)
-    head = model.get_output_embeddings()
+    head, lhead = model.get_output_embeddings(), logit_head(model)
     with _eval_mode(model), torch.no_grad():
         batch = collate(enc_w + enc_l, pad_id=lm.pad_id, device=lm.device)
         hidden = final_hidden(model, batch).double()
@@ -437,9 +439,10 @@ def last_layer_factorization(lm, pair) -> tuple[torch.Tensor, torch.Tensor, torc
         hs, ds = [], []
         for row in range(2):
             h = hidden[row][mask[row]]
-            logits = h @ w.T + (0 if b is None else b.double())
-            delta = -torch.softmax(logits, -1)
+            z = h @ w.T + (0 if b is None else b.double())
+            delta = -torch.softmax(lhead(z), -1)
             delta[torch.arange(h.shape[0]), batch.targets[row][mask[row]]] += 1.0
+            delta = lhead.backward(z, delta)  # through soft-capping / logit scale
             if b is not None:
                 h = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)
             hs.append(h)

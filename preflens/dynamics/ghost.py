@@ -1,4 +1,4 @@
-"""Parameter selection and ghost inner products of per-response gradients (GPT-2-family HF models).
+"""Parameter selection and ghost inner products of per-response gradients (HF causal LMs).
 
 Internals of :mod:`preflens.dynamics.entanglement` (spec ``gradient_entanglement.md`` §5; Opacus
 ghost clipping; Wang et al. 2024, In-Run Data Shapley, "ghost dot-product").
@@ -18,10 +18,17 @@ gradient at row b's activations is ∂u_b/∂·). Then, never materializing a pe
   ⟨G_U,i, G_U,j⟩ = Σ_{s,s'} (h_{i,s}·h_{j,s'})(δ_{i,s}·δ_{j,s'}); bias: (Σδ_i)·(Σδ_j).
 * TIED input/output embedding (GPT-2): the parameter's gradient is G_E + G_U, so its inner product
   adds the cross terms ⟨G_E,i, G_U,j⟩ + ⟨G_U,i, G_E,j⟩, ⟨G_E,i, G_U,j⟩ = Σ_{t,s} δ_{j,s}[x_{i,t}] (c_{i,t}·h_{j,s}).
-* LayerNorm (y = γ⊙x̂ + β): per-row gradients are d-dimensional, so they are materialized:
-  ∇γ = Σ_t g_t⊙x̂_t, ∇β = Σ_t g_t.
+* Norms -- LayerNorm y = γ⊙x̂ + β, RMSNorm y = γ⊙x/rms(x) (Llama, Qwen2, Mistral), Gemma's
+  y = (1 + γ)⊙x/rms(x): y is affine in γ with coefficient x̂ in every form, so ∂y/∂γ = x̂ and
+  x̂ = y(γ + 1) − y(γ) (the module run twice, no per-family formula). Per-row gradients are
+  d-dimensional, so they are materialized: ∇γ = Σ_t g_t⊙x̂_t, ∇β = Σ_t g_t. OLMo's
+  non-parametric LayerNorm has no parameters.
+* The head: logits = head(z), z = h Wᵀ + b (:class:`preflens.scoring.LogitHead`: Gemma 2
+  soft-capping c·tanh(z/c), logit scales). δ above is ∂ log π(y)/∂z = (e_y − π) ⊙ head'(z).
 
-Together these cover every GPT-2 parameter, so the sum equals the exact inner product.
+Linear maps (GPT-2 Conv1D, nn.Linear: fused or separate q/k/v with biases, GQA projections,
+gated MLPs), embeddings (tied or not), norms and the head cover every parameter of GPT-2,
+GPT-NeoX, Llama, Qwen2, Mistral, Gemma 2 and OLMo, so the sum equals the exact inner product.
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from preflens.errors import ConfigError, ModelError
-from preflens.scoring import Batch, final_hidden, token_logprobs
+from preflens.scoring import Batch, final_hidden, head_logits, logit_head, token_logprobs
 
 __all__ = ["PRESETS", "select_parameters", "summed_token_logprobs", "GhostCapture"]
 
-PRESETS = ("unembed", "last_block", "embeddings", "attention", "mlp")
+PRESETS = ("all", "unembed", "last_block", "embeddings", "attention", "mlp")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:h|layers|blocks|layer)\.(\d+)\.")
 
 
@@ -50,8 +57,10 @@ def _conv1d_type():
     return (Conv1D,)
 
 
-def _is_layernorm(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm)
+def _is_norm(module: torch.nn.Module) -> bool:
+    """A normalization layer of any family: ``nn.LayerNorm`` or a class named ``*Norm*``
+    (``LlamaRMSNorm``, ``Gemma2RMSNorm``, ``OlmoLayerNorm``, ...)."""
+    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
 
 
 def _owners(model: torch.nn.Module) -> dict[int, tuple[str, torch.nn.Module, str]]:
@@ -73,9 +82,10 @@ def select_parameters(
     e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``, resolve to the one tensor), a
     regex (``re.search`` on names) or a preset: ``"unembed"`` (output-embedding weight and bias; in
     a tied model this IS the token embedding, whose gradient is the sum of both uses),
-    ``"last_block"`` (every parameter of the last transformer block, not ``ln_f``),
-    ``"embeddings"`` (token + position embeddings), ``"attention"``, ``"mlp"``.
-    ``include_layernorm=False`` drops LayerNorm weights and biases from any selection.
+    ``"all"`` (= ``None``), ``"last_block"`` (every parameter of the last transformer block, not
+    the final norm), ``"embeddings"`` (token + position embeddings), ``"attention"``, ``"mlp"``.
+    ``include_layernorm=False`` drops the weights and biases of norms of any kind (LayerNorm,
+    RMSNorm, Gemma's (1 + w) RMSNorm) from any selection.
 
     Raises:
         ConfigError: unknown name, frozen parameter named, bad regex, or an empty selection.
@@ -84,7 +94,7 @@ def select_parameters(
     named = {owners[id(p)][0]: p for _, p in model.named_parameters()}
     alias = {n: owners[id(p)][0] for n, p in model.named_parameters(remove_duplicate=False)}
     trainable = {n: p for n, p in named.items() if p.requires_grad}
-    if params is None:
+    if params is None or params == "all":
         chosen = dict(trainable)
     elif isinstance(params, str) and params in PRESETS:
         chosen = _preset(model, params, trainable, owners)
@@ -109,10 +119,10 @@ def select_parameters(
         raise ConfigError("params", f"expected None, a list of names, a regex or a preset, got "
                           f"{type(params).__name__}", allowed=PRESETS)
     if not include_layernorm:
-        chosen = {n: p for n, p in chosen.items() if not _is_layernorm(owners[id(p)][1])}
+        chosen = {n: p for n, p in chosen.items() if not _is_norm(owners[id(p)][1])}
     if not chosen:
         raise ConfigError("params", f"selection {params!r} matches no trainable parameter"
-                          + ("" if include_layernorm else " (LayerNorm excluded)"), allowed=PRESETS)
+                          + ("" if include_layernorm else " (norms excluded)"), allowed=PRESETS)
     return chosen
 
 
@@ -148,27 +158,53 @@ def summed_token_logprobs(model, batch: Batch) -> torch.Tensor:
         return token_logprobs(model, batch)
     hidden = final_hidden(model, batch)
     mask = batch.response_mask
-    head = model.get_output_embeddings()
-    logits = F.linear(hidden[mask], head.weight, getattr(head, "bias", None))
+    logits = head_logits(model, hidden[mask])
     lp = torch.log_softmax(logits, -1).gather(1, batch.targets[mask][:, None]).squeeze(1)
     return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
 
 
+@torch.no_grad()
+def _embedding_scale(emb: torch.nn.Module) -> float:
+    """s with ``emb(ids) == s · emb.weight[ids]`` (1 for nn.Embedding; √d_model for Gemma's
+    scaled embedding). ModelError for a token embedding that is not a scaled row lookup."""
+    ids = torch.arange(min(8, emb.weight.shape[0]), device=emb.weight.device)
+    out, rows = emb(ids).double(), emb.weight[ids].double()
+    scale = float((out * rows).sum() / (rows * rows).sum().clamp_min(1e-300))
+    if not torch.allclose(out, scale * rows, rtol=1e-4, atol=1e-6 * float(out.abs().max())):
+        raise ModelError(f"ghost inner products: the token embedding {type(emb).__name__} is not a "
+                         "(scaled) row lookup; use method='exact'")
+    return scale
+
+
+@torch.no_grad()
+def _norm_coefficient(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """∂y/∂weight of a norm layer at input ``x``: y(w + 1) − y(w), exact for every norm that is
+    affine in its weight (LayerNorm, RMSNorm, Gemma's (1 + w) RMSNorm; module docstring).
+    Computed in fp32 (fp64 for an fp64 model), whatever the model's dtype."""
+    from torch.func import functional_call
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    params = {n: p.detach().to(acc) for n, p in module.named_parameters(recurse=False)}
+    base = functional_call(module, params, (x.to(acc),))
+    shifted = functional_call(module, {**params, "weight": params["weight"] + 1}, (x.to(acc),))
+    return shifted.to(acc) - base.to(acc)
+
+
 @dataclass
 class _Site:
-    kind: str  # "linear" | "conv1d" | "layernorm"
+    kind: str  # "linear" | "conv1d" | "norm"
     module: torch.nn.Module
     weight: bool
     bias: bool
     inp: torch.Tensor | None = None
     out: torch.Tensor | None = None
     grad: torch.Tensor | None = None
-    vec_w: torch.Tensor | None = None  # LayerNorm: per-row weight gradient [B, d]
+    vec_w: torch.Tensor | None = None  # norms: per-row weight gradient [B, d]
     vec_b: torch.Tensor | None = None  # per-row bias gradient [B, d_out]
 
 
 class GhostCapture:
-    """Hooks a GPT-2-family HF model, runs one forward + one backward of Σ_b u_b and returns ghost
+    """Hooks a HF causal LM, runs one forward + one backward of Σ_b u_b and returns ghost
     inner products ⟨g_a, g_b⟩ (float64) between rows (module docstring for the identities).
 
     Usage: ``cap = GhostCapture(model, selected); cap.run(batch); cap.dots(ia, ib)`` where ``ia``
@@ -208,8 +244,8 @@ class GhostCapture:
                 kind = "conv1d"
             elif isinstance(module, torch.nn.Linear):
                 kind = "linear"
-            elif _is_layernorm(module):
-                kind = "layernorm"
+            elif _is_norm(module):
+                kind = "norm"
             else:
                 continue
             self.sites.append(_Site(kind, module, use_w, use_b))
@@ -218,8 +254,10 @@ class GhostCapture:
         missing = [owners[id(p)][0] for p in selected.values() if id(p) not in handled]
         if missing:
             raise ModelError(f"ghost inner products do not support parameter(s) {missing[:5]} "
-                             "(GPT-2 Conv1D/Linear, LayerNorm, embeddings and the unembedding "
+                             "(Conv1D/Linear, LayerNorm/RMSNorm, embeddings and the unembedding "
                              "are supported); use method='exact'")
+        self.logit_head = logit_head(model)
+        self.emb_scale = _embedding_scale(emb) if (self.tok or self.pos or self.tied) else 1.0
 
     # -------------------------------------------------------------------------------- forward
     def run(self, batch: Batch) -> None:
@@ -256,21 +294,22 @@ class GhostCapture:
         for site, g in zip(self.sites, grads):
             g, x = g.detach().to(cdt) * live, site.inp.detach().to(cdt)
             site.out, site.vec_b = None, (g.sum(1) if site.bias else None)
-            if site.kind == "layernorm":  # materialize the d-dim per-row gradients
-                xhat = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(
-                    x.var(-1, unbiased=False, keepdim=True) + site.module.eps)
-                site.vec_w = (g * xhat).sum(1) if site.weight else None
+            if site.kind == "norm":  # materialize the d-dim per-row gradients
+                site.vec_w = (g * _norm_coefficient(site.module, site.inp).to(cdt)).sum(1) \
+                    if site.weight else None
                 site.inp = site.grad = None
             else:
                 site.inp, site.grad = x, g
-        self.c = grads[-1].detach().to(cdt) * live if "emb" in store else None
+        # ∂u/∂E[x_t] = scale · c_t for a scaled lookup (Gemma: E[x]·√d inside the module)
+        self.c = grads[-1].detach().to(cdt) * live * self.emb_scale if "emb" in store else None
 
     @torch.no_grad()
     def _head(self, hidden: torch.Tensor, batch: Batch, cdt: torch.dtype) -> torch.Tensor:
         """u, and ∂Σu/∂hidden = δ W analytically, δ = e_y − π (logits formed once, in ``cdt``).
 
-        Keeps h and δ, padded to [B, R, d] / [B, R, V] (R = longest response), when the
-        unembedding is selected. Same log-softmax as :func:`preflens.scoring.target_logprobs`.
+        Keeps h and δ = ∂u/∂z (z = h Wᵀ + b, before the logit head), padded to [B, R, d] /
+        [B, R, V] (R = longest response), when the unembedding is selected. Same log-softmax as
+        :func:`preflens.scoring.target_logprobs`.
         """
         mask = batch.response_mask
         n_resp = mask.sum(1)
@@ -281,9 +320,12 @@ class GhostCapture:
         y[valid] = batch.targets[mask]
         w = self.head.weight.detach().to(cdt)
         b = getattr(self.head, "bias", None)
-        delta = torch.log_softmax(F.linear(h, w, None if b is None else b.detach().to(cdt)), -1)
+        z = F.linear(h, w, None if b is None else b.detach().to(cdt))
+        delta = torch.log_softmax(self.logit_head(z), -1)
         self.u = (delta.gather(2, y[..., None])[..., 0] * valid).double().sum(1)
         delta.exp_().neg_().scatter_add_(2, y[..., None], torch.ones_like(y[..., None], dtype=cdt))
+        delta = self.logit_head.backward(z, delta)  # ∂/∂logits -> ∂/∂z (soft-cap, scale)
+        del z
         delta.mul_(valid[..., None])
         grad_hidden = torch.zeros_like(hidden)
         grad_hidden[mask] = (delta @ w)[valid].to(hidden.dtype)
@@ -304,7 +346,7 @@ class GhostCapture:
         """⟨g_a, g_b⟩ over the selected parameters for rows ``a`` in ``ia``, ``b`` in ``ib`` (float64)."""
         total = 0.0
         for s in self.sites:
-            if s.kind == "layernorm" and s.weight:
+            if s.kind == "norm" and s.weight:
                 total = total + self._sum(s.vec_w[ia] * s.vec_w[ib])
             elif s.weight:
                 total = total + self._sum(self._gram(s.inp[ia], s.inp[ib]) *
