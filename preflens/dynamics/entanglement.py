@@ -41,6 +41,7 @@ __all__ = [
     "case_counts",
     "token_gradient_similarity",
     "last_layer_factorization",
+    "LastLayerFactorization",
 ]
 
 CASES = ("ideal", "both_down", "both_up", "chosen_down_rejected_up", "zero_weight")
@@ -78,6 +79,23 @@ class GradientStats:
                    torch.as_tensor(u_w, dtype=torch.float64), torch.as_tensor(u_l, dtype=torch.float64),
                    torch.as_tensor(len_w, dtype=torch.long), torch.as_tensor(len_l, dtype=torch.long),
                    tuple(params), method)
+
+    # TRL-style names for the public boundary (the short field names are kept for callers)
+    @property
+    def chosen_logps(self) -> torch.Tensor:
+        return self.u_w
+
+    @property
+    def rejected_logps(self) -> torch.Tensor:
+        return self.u_l
+
+    @property
+    def chosen_lengths(self) -> torch.Tensor:
+        return self.len_w
+
+    @property
+    def rejected_lengths(self) -> torch.Tensor:
+        return self.len_l
 
     @property
     def norm_w(self) -> torch.Tensor:
@@ -304,6 +322,8 @@ def predict_first_order(
     *,
     lr: float,
     loss_kwargs: dict | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
     u_ref_w: torch.Tensor | None = None,
     u_ref_l: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,15 +332,19 @@ def predict_first_order(
     Yuan et al. 2024 Eqs. 3–5 generalised to any margin loss: ∇ℓ = −(a_w g_w − a_l g_l), so
     Δu_w ≈ η(a_w n_w² − a_l ip), Δu_l ≈ η(a_w ip − a_l n_l²), with (a_w, a_l) from
     :func:`preflens.dynamics.losses.weights` at ``stats.u_w``, ``stats.u_l``, ``stats.len_*`` and
-    the reference log-probs (for losses that need them). Per pair (|B| = 1); for batch-mean steps
+    the reference log-probs ``ref_chosen_logps``/``ref_rejected_logps`` (for losses that need
+    them; ``u_ref_w``/``u_ref_l`` are deprecated aliases). Per pair (|B| = 1); for batch-mean steps
     use :func:`cross_pair_gram`. Returns two ``[n]`` float64 tensors.
     """
     from preflens.dynamics.losses import weights
 
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr == lr or abs(lr) == float("inf"):
         raise ConfigError("lr", f"must be a finite number, got {lr!r}")
-    a_w, a_l = weights(loss, stats.u_w, stats.u_l, u_ref_w, u_ref_l,
-                       len_w=stats.len_w.double(), len_l=stats.len_l.double(), **(loss_kwargs or {}))
+    if u_ref_w is not None or u_ref_l is not None:  # deprecated names
+        ref_chosen_logps = u_ref_w if ref_chosen_logps is None else ref_chosen_logps
+        ref_rejected_logps = u_ref_l if ref_rejected_logps is None else ref_rejected_logps
+    a_w, a_l = weights(loss, stats.u_w, stats.u_l, ref_chosen_logps, ref_rejected_logps,
+                       stats.len_w.double(), stats.len_l.double(), **(loss_kwargs or {}))
     a_w, a_l = a_w.double(), a_l.double()
     d_w = lr * (a_w * stats.norm_w_sq - a_l * stats.inner)
     d_l = lr * (a_w * stats.inner - a_l * stats.norm_l_sq)
@@ -378,6 +402,10 @@ class TokenSimilarity:
     tokens_w: tuple[int, ...]
     tokens_l: tuple[int, ...]
 
+    def __repr__(self) -> str:
+        return (f"TokenSimilarity(shape={tuple(self.cos.shape)}, mean cos={float(self.cos.mean()):.4g}, "
+                f"inner sum={float(self.inner.sum()):.4g})")
+
 
 def _flat_grad(out, params, retain=True) -> torch.Tensor:
     grads = torch.autograd.grad(out, params, retain_graph=retain, allow_unused=True)
@@ -412,7 +440,27 @@ def token_gradient_similarity(lm, pair, *, params=None, include_layernorm: bool 
     return TokenSimilarity(cos, inner, norm_w, norm_l, enc_w[0].response_ids, enc_l[0].response_ids)
 
 
-def last_layer_factorization(lm, pair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class LastLayerFactorization:
+    """``hidden_cos``, ``residual_cos``, ``cos`` (= their product), each ``[len_w, len_l]`` float64.
+    Unpacks like the former tuple: ``hid, res, cos = last_layer_factorization(...)``."""
+
+    hidden_cos: torch.Tensor
+    residual_cos: torch.Tensor
+    cos: torch.Tensor
+
+    def __iter__(self):
+        return iter((self.hidden_cos, self.residual_cos, self.cos))
+
+    def __getitem__(self, i):
+        return (self.hidden_cos, self.residual_cos, self.cos)[i]
+
+    def __repr__(self) -> str:
+        return (f"LastLayerFactorization(shape={tuple(self.cos.shape)}, "
+                f"mean cos={float(self.cos.mean()):.4g})")
+
+
+def last_layer_factorization(lm, pair) -> LastLayerFactorization:
     """(hidden_cos, residual_cos, cos), each ``[len_w, len_l]`` float64 (last layer, exact).
 
     For the unembedding USE only -- the gradient of log π(y_t) with respect to the matrix of the
@@ -452,4 +500,4 @@ def last_layer_factorization(lm, pair) -> tuple[torch.Tensor, torch.Tensor, torc
         return (x @ y.T) / (x.norm(dim=1)[:, None] * y.norm(dim=1)[None, :])
 
     hidden_cos, residual_cos = cosm(*hs).cpu(), cosm(*ds).cpu()
-    return hidden_cos, residual_cos, hidden_cos * residual_cos
+    return LastLayerFactorization(hidden_cos, residual_cos, hidden_cos * residual_cos)

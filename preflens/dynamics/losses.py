@@ -1,8 +1,10 @@
 """Registry of pairwise preference losses with closed-form per-pair gradient weights.
 
-Conventions (Yuan et al. 2024, "Gradient Entanglement", Eqs. 1–5): ``u_w``, ``u_l`` [n] are SUMMED response
-log-probs log π(y|x) (EOS appended and counted), ``u_ref_*`` the same under the frozen reference,
-``len_*`` response lengths in tokens (EOS counted), ū = u/len. r = u − u_ref, M = r_w − r_l.
+Conventions (Yuan et al. 2024, "Gradient Entanglement", Eqs. 1–5): ``chosen_logps`` = u_w and
+``rejected_logps`` = u_l [n] are SUMMED response log-probs log π(y|x) (EOS appended and counted),
+``ref_chosen_logps``/``ref_rejected_logps`` = u_ref_* the same under the frozen reference,
+``chosen_lengths``/``rejected_lengths`` = L_w, L_l in tokens (EOS counted), ū = u/L.
+r = u − u_ref, M = r_w − r_l. (Formulas below use the short names.)
 Each loss returns the per-pair loss [n] (the caller takes the mean); −log σ(z) is written
 softplus(−z) throughout, so |βM| in the thousands neither overflows nor gives NaN.
 Weights (Yuan et al. 2024, "Gradient Entanglement" §1): a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l, so
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -340,10 +343,10 @@ def _vector(option: str, x: object, n: int | None) -> Tensor:
     return x
 
 
-def _prepare(spec, u_w, u_l, u_ref_w, u_ref_l, len_w, len_l, params):
+def _prepare(spec, u_w, u_l, u_ref_w, u_ref_l, len_w, len_l, params):  # internal short names
     """Check shapes/presence; cast to one floating dtype; return the six inputs (None if unused)."""
-    n = _vector("u_w", u_w, None).shape[0]
-    _vector("u_l", u_l, n)
+    n = _vector("chosen_logps", u_w, None).shape[0]
+    _vector("rejected_logps", u_l, n)
     dtype = torch.promote_types(u_w.dtype, u_l.dtype)
     refs = [None, None]
     if spec.uses_reference:
@@ -351,18 +354,19 @@ def _prepare(spec, u_w, u_l, u_ref_w, u_ref_l, len_w, len_l, params):
         if u_ref_w is None and u_ref_l is None and optional:
             refs = [torch.zeros(n, dtype=dtype, device=u_w.device)] * 2
         elif u_ref_w is None or u_ref_l is None:
-            raise ConfigError("u_ref_w" if u_ref_w is None else "u_ref_l",
-                              f"loss '{spec.name}' needs reference log-probs (u_ref_w and u_ref_l)")
+            raise ConfigError("ref_chosen_logps" if u_ref_w is None else "ref_rejected_logps",
+                              f"loss '{spec.name}' needs reference log-probs (ref_chosen_logps and "
+                              "ref_rejected_logps)")
         else:
-            refs = [_vector("u_ref_w", u_ref_w, n), _vector("u_ref_l", u_ref_l, n)]
+            refs = [_vector("ref_chosen_logps", u_ref_w, n), _vector("ref_rejected_logps", u_ref_l, n)]
             dtype = torch.promote_types(dtype, torch.promote_types(u_ref_w.dtype, u_ref_l.dtype))
             refs = [r.to(dtype) for r in refs]
     if not dtype.is_floating_point:
-        raise ConfigError("u_w", f"log-probs must be floating point, got {dtype}")
+        raise ConfigError("chosen_logps", f"log-probs must be floating point, got {dtype}")
     lens = [None, None]
-    for i, (opt, L) in enumerate((("len_w", len_w), ("len_l", len_l)) if spec.uses_lengths else ()):
+    for i, (opt, L) in enumerate((("chosen_lengths", len_w), ("rejected_lengths", len_l)) if spec.uses_lengths else ()):
         if L is None:
-            raise ConfigError(opt, f"loss '{spec.name}' needs response lengths (len_w and len_l)")
+            raise ConfigError(opt, f"loss '{spec.name}' needs response lengths (chosen_lengths and rejected_lengths)")
         lens[i] = _vector(opt, L, n).to(dtype)
         if not bool((torch.isfinite(lens[i]) & (lens[i] > 0)).all()):
             raise ConfigError(opt, "response lengths must be finite and > 0 (EOS counted)")
@@ -375,36 +379,64 @@ def _prepare(spec, u_w, u_l, u_ref_w, u_ref_l, len_w, len_l, params):
             params[key] = v.to(dtype=dtype, device=u_w.device)
     uw, ul = u_w.to(dtype), u_l.to(dtype)
     if spec.name == "orpo" and not bool(((uw / lens[0] < 0) & (ul / lens[1] < 0)).all()):
-        raise ConfigError("u_w/u_l", "ORPO needs mean log-probs ū < 0 (log-odds undefined at 0)")
+        raise ConfigError("chosen_logps/rejected_logps", "ORPO needs mean log-probs ū < 0 (log-odds undefined at 0)")
     return uw, ul, refs[0], refs[1], lens[0], lens[1]
 
 
-def compute_loss(name: str, u_w: Tensor, u_l: Tensor, u_ref_w: Tensor | None = None,
-                 u_ref_l: Tensor | None = None, len_w: Tensor | None = None,
-                 len_l: Tensor | None = None, **kwargs) -> Tensor:
-    """Per-pair loss [n] of registered loss ``name`` (differentiable in u_w, u_l).
+_OLD_NAMES = {"u_w": "chosen_logps", "u_l": "rejected_logps", "u_ref_w": "ref_chosen_logps",
+              "u_ref_l": "ref_rejected_logps", "len_w": "chosen_lengths", "len_l": "rejected_lengths"}
 
-    Inputs are [n] tensors: SUMMED response log-probs (EOS counted) and lengths in tokens (EOS
-    counted); keyword parameters are merged over the loss's defaults by :func:`resolve_kwargs`.
-    Missing reference/lengths where the loss needs them, or wrong shapes, raise ConfigError.
+
+def _split_old_names(kwargs: dict, given: dict) -> dict:
+    """Deprecated keyword names (u_w, u_ref_w, len_w, …) -> the TRL-style ones; rest = loss params."""
+    for old, new in _OLD_NAMES.items():
+        if old in kwargs:
+            warnings.warn(f"'{old}=' is deprecated; use '{new}='", DeprecationWarning, stacklevel=3)
+            if given[new] is not None:
+                raise ConfigError(old, f"given twice (as '{old}' and '{new}')")
+            given[new] = kwargs.pop(old)
+    return given
+
+
+def compute_loss(name: str, chosen_logps: Tensor | None = None, rejected_logps: Tensor | None = None,
+                 ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                 **kwargs) -> Tensor:
+    """Per-pair loss [n] of registered loss ``name`` (differentiable in the policy log-probs).
+
+    Inputs are [n] tensors (TRL names): SUMMED response log-probs of the chosen / rejected
+    response under the policy (``chosen_logps``, ``rejected_logps``) and the frozen reference
+    (``ref_*``), and response lengths in tokens (EOS counted). Keyword parameters are merged
+    over the loss's defaults by :func:`resolve_kwargs`. Missing reference/lengths where the loss
+    needs them, or wrong shapes, raise ConfigError. (``u_w=``/``u_ref_w=``/``len_w=`` … are
+    deprecated aliases.)
     """
+    g = _split_old_names(kwargs, dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                                      ref_chosen_logps=ref_chosen_logps,
+                                      ref_rejected_logps=ref_rejected_logps,
+                                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
     spec = get_loss(name)
     params = resolve_kwargs(name, kwargs)
-    args = _prepare(spec, u_w, u_l, u_ref_w, u_ref_l, len_w, len_l, params)
+    args = _prepare(spec, *g.values(), params)
     return spec.fn(*args, **params)
 
 
-def weights(name: str, u_w: Tensor, u_l: Tensor, u_ref_w: Tensor | None = None,
-            u_ref_l: Tensor | None = None, len_w: Tensor | None = None,
-            len_l: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
-    """Closed-form gradient weights (a_w, a_l), each [n], with a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l.
+def weights(name: str, chosen_logps: Tensor | None = None, rejected_logps: Tensor | None = None,
+            ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+            chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+            **kwargs) -> tuple[Tensor, Tensor]:
+    """Closed-form gradient weights (a_w, a_l), each [n], with a_w = −∂ℓ/∂u_w, a_l = +∂ℓ/∂u_l
+    (u_w = ``chosen_logps``, u_l = ``rejected_logps``).
 
     Source: Yuan et al. 2024 (Gradient Entanglement) §1 generalised per loss. Computed on
     detached inputs (no autograd); same inputs and validation as :func:`compute_loss`.
     """
+    g = _split_old_names(kwargs, dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                                      ref_chosen_logps=ref_chosen_logps,
+                                      ref_rejected_logps=ref_rejected_logps,
+                                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
     spec = get_loss(name)
     params = resolve_kwargs(name, kwargs)
     with torch.no_grad():
-        args = _prepare(spec, *(x.detach() if isinstance(x, Tensor) else x
-                                for x in (u_w, u_l, u_ref_w, u_ref_l, len_w, len_l)), params)
+        args = _prepare(spec, *(x.detach() if isinstance(x, Tensor) else x for x in g.values()), params)
         return spec.weights_fn(*args, **params)

@@ -43,7 +43,7 @@ def _check_tokens(W_U: Tensor, *tokens: int) -> None:
             raise ConfigError("token", f"id {t} outside the vocabulary [0, {W_U.shape[1]})")
 
 
-def unembedding_alignment(W_U: Tensor, pos_token: int, neg_token: int) -> Tensor:
+def unembedding_alignment(W_U: Tensor, chosen_token: int, rejected_token: int) -> Tensor:
     """Theorem-5 alignment ``a_z = <W_z, W+ - W->`` for every token ``z``.
 
     Razin et al. 2024, Theorem 5: for tokens other than y+ and y-, the instantaneous gain
@@ -52,26 +52,26 @@ def unembedding_alignment(W_U: Tensor, pos_token: int, neg_token: int) -> Tensor
 
     Args:
         W_U: ``[d_model, d_vocab]`` unembedding (TransformerLens convention).
-        pos_token, neg_token: ids of y+ and y- (single tokens).
+        chosen_token, rejected_token: ids of y+ and y- (single tokens; TRL-style names).
 
     Returns:
         ``Tensor[d_vocab]`` float64.
     """
-    _check_tokens(W_U, pos_token, neg_token)
+    _check_tokens(W_U, chosen_token, rejected_token)
     W = W_U.detach().to(torch.float64)
-    return W.T @ (W[:, pos_token] - W[:, neg_token])
+    return W.T @ (W[:, chosen_token] - W[:, rejected_token])
 
 
-def unembedding_alignment_from_lm(lm, pos_token: int, neg_token: int) -> Tensor:
+def unembedding_alignment_from_lm(lm, chosen_token: int, rejected_token: int) -> Tensor:
     """:func:`unembedding_alignment` from the raw HF output embedding of ``lm.model``.
 
     ``lm.model.get_output_embeddings().weight`` is ``[d_vocab, d_model]``; it is transposed to
     the ``[d_model, d_vocab]`` convention.  Returns ``Tensor[d_vocab]`` float64.
     """
-    return unembedding_alignment(lm.model.get_output_embeddings().weight.T, pos_token, neg_token)
+    return unembedding_alignment(lm.model.get_output_embeddings().weight.T, chosen_token, rejected_token)
 
 
-def unembedding_geometry(W_U: Tensor, pos_token: int, neg_token: int) -> dict[str, float]:
+def unembedding_geometry(W_U: Tensor, chosen_token: int, rejected_token: int) -> dict[str, float]:
     """Table-13 geometry of the preferred and dispreferred unembedding rows.
 
     Razin et al. 2024, Table 13, with ``W± = W_U[:, y±]``:
@@ -85,9 +85,9 @@ def unembedding_geometry(W_U: Tensor, pos_token: int, neg_token: int) -> dict[st
     A large orthogonal part relative to the projection lets mass flow to tokens unrelated or
     opposite to y+.  All values are Python floats computed in float64.
     """
-    _check_tokens(W_U, pos_token, neg_token)
+    _check_tokens(W_U, chosen_token, rejected_token)
     W = W_U.detach().to(torch.float64)
-    wp, wn = W[:, pos_token], W[:, neg_token]
+    wp, wn = W[:, chosen_token], W[:, rejected_token]
     norm_pos = wp.norm()
     inner = torch.dot(wp, wn)
     if norm_pos == 0:

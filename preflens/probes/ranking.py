@@ -22,6 +22,7 @@ import math
 import numbers
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ from preflens.probes.calibration import (  # re-exported: calibration belongs to
 
 __all__ = [
     "ranking_correct", "ranking_accuracy", "ranking_accuracies",
-    "competition_ranks", "ranking_correct_multi", "ranking_accuracy_multi",
+    "competition_ranks", "ranking_correct_multi", "MultiRankingResult", "ranking_accuracy_multi",
     "alpha_from_votes", "alphas_from_votes", "tie_mask", "TIE_ALPHA",
     "idealized_ranking_correct", "idealized_ranking_accuracy",
     "flip_loss_threshold", "required_loss_decrease", "dpo_loss_value", "correct_from_dpo_loss",
@@ -92,23 +93,23 @@ def _nonempty_mean(flags: Tensor, what: str) -> float:
 
 
 # --------------------------------------------------------------------------- pairwise R
-def ranking_correct(logp_chosen, logp_rejected, *, strict: bool = False) -> Tensor:
+def ranking_correct(chosen_logps, rejected_logps, *, strict: bool = False) -> Tensor:
     """Per-pair ranking correctness R (Chen et al. 2024, Def. 2.3; Remark 2.4 for R~).
 
     R_i = 1[s(y_w) >= s(y_l)] (paper: non-strict, exact ties count correct);
     ``strict=True`` gives 1[s(y_w) > s(y_l)] (the official code's effective behaviour).
     Pass summed log-probs for R, per-token mean log-probs for R~.
 
-    Shapes: ``logp_chosen [n]``, ``logp_rejected [n]`` (equal shapes) -> ``BoolTensor[n]``.
+    Shapes: ``chosen_logps [n]``, ``rejected_logps [n]`` (equal shapes) -> ``BoolTensor[n]``.
     """
-    w, l = _f64(logp_chosen, "logp_chosen"), _f64(logp_rejected, "logp_rejected")
-    _same_shape(w, l, "logp_chosen", "logp_rejected")
+    w, l = _f64(chosen_logps, "chosen_logps"), _f64(rejected_logps, "rejected_logps")
+    _same_shape(w, l, "chosen_logps", "rejected_logps")
     return w > l if strict else w >= l
 
 
-def ranking_accuracy(logp_chosen, logp_rejected, *, strict: bool = False) -> float:
+def ranking_accuracy(chosen_logps, rejected_logps, *, strict: bool = False) -> float:
     """Dataset ranking accuracy = mean of :func:`ranking_correct` (Def. 2.3; >= unless strict)."""
-    return _nonempty_mean(ranking_correct(logp_chosen, logp_rejected, strict=strict), "pairs")
+    return _nonempty_mean(ranking_correct(chosen_logps, rejected_logps, strict=strict), "pairs")
 
 
 def ranking_accuracies(chosen, rejected, *, strict: bool = False) -> dict[str, float]:
@@ -155,7 +156,26 @@ def _items(x, field: str) -> list[Tensor]:
     return out
 
 
-def ranking_correct_multi(model_scores, human_scores, *, tie_tol: float = 0.0) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class MultiRankingResult:
+    """``correct`` BoolTensor[N] (exact rank match per item) and ``human_has_tie`` BoolTensor[N].
+    Unpacks like the former tuple: ``correct, tied = ranking_correct_multi(...)``."""
+
+    correct: Tensor
+    human_has_tie: Tensor
+
+    def __iter__(self):
+        return iter((self.correct, self.human_has_tie))
+
+    def __getitem__(self, i):
+        return (self.correct, self.human_has_tie)[i]
+
+    def __repr__(self) -> str:
+        return (f"MultiRankingResult(N={self.correct.numel()}, correct={int(self.correct.sum())}, "
+                f"human_ties={int(self.human_has_tie.sum())})")
+
+
+def ranking_correct_multi(model_scores, human_scores, *, tie_tol: float = 0.0) -> MultiRankingResult:
     """Exact-match ranking correctness for n >= 2 responses (Def. A.8; no partial credit).
 
     R_k = 1[competition_ranks(model_k, tie_tol) == competition_ranks(human_k)] elementwise for all
@@ -164,7 +184,7 @@ def ranking_correct_multi(model_scores, human_scores, *, tie_tol: float = 0.0) -
     n = 2 an exact model tie gives ranks [1, 1] and is *wrong* here, unlike pairwise R (>=).
 
     Inputs: a list of N 1-D tensors (n may vary per item) or 2-D ``[N, n]`` tensors.
-    Returns ``(correct BoolTensor[N], human_has_tie BoolTensor[N])``.
+    Returns a :class:`MultiRankingResult` (``correct``, ``human_has_tie``; unpacks as a pair).
     """
     ms, hs = _items(model_scores, "model_scores"), _items(human_scores, "human_scores")
     if len(ms) != len(hs):
@@ -177,7 +197,7 @@ def ranking_correct_multi(model_scores, human_scores, *, tie_tol: float = 0.0) -
         hr = competition_ranks(h)
         correct.append(bool(torch.equal(competition_ranks(m, tie_tol=tie_tol), hr)))
         tied.append(bool(hr.unique().numel() < hr.numel()))
-    return torch.tensor(correct, dtype=torch.bool), torch.tensor(tied, dtype=torch.bool)
+    return MultiRankingResult(torch.tensor(correct, dtype=torch.bool), torch.tensor(tied, dtype=torch.bool))
 
 
 def ranking_accuracy_multi(model_scores, human_scores, *, tie_tol: float = 0.0,

@@ -26,7 +26,8 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
     u_l = -len_l * (0.2 + 3 * torch.rand(N, generator=g, dtype=torch.float64))
     u_ref_w = u_w + 3 * torch.randn(N, generator=g, dtype=torch.float64)
     u_ref_l = u_l + 3 * torch.randn(N, generator=g, dtype=torch.float64)
-    return dict(u_w=u_w, u_l=u_l, u_ref_w=u_ref_w, u_ref_l=u_ref_l, len_w=len_w, len_l=len_l)
+    return dict(chosen_logps=u_w, rejected_logps=u_l, ref_chosen_logps=u_ref_w,
+                ref_rejected_logps=u_ref_l, chosen_lengths=len_w, rejected_lengths=len_l)
 
 
 def _kw(name: str, seed: int = 0) -> dict:
@@ -38,9 +39,9 @@ def _kw(name: str, seed: int = 0) -> dict:
 
 
 def _autograd_weights(name, x, kw):
-    uw = x["u_w"].clone().requires_grad_(True)
-    ul = x["u_l"].clone().requires_grad_(True)
-    loss = compute_loss(name, uw, ul, x["u_ref_w"], x["u_ref_l"], x["len_w"], x["len_l"], **kw)
+    uw = x["chosen_logps"].clone().requires_grad_(True)
+    ul = x["rejected_logps"].clone().requires_grad_(True)
+    loss = compute_loss(name, uw, ul, x["ref_chosen_logps"], x["ref_rejected_logps"], x["chosen_lengths"], x["rejected_lengths"], **kw)
     gw, gl = torch.autograd.grad(loss.sum(), (uw, ul))
     return loss.detach(), -gw, gl
 
@@ -58,16 +59,16 @@ def test_weights_match_autograd(name, seed):
 
 def test_both_branches_exercised():
     x = _inputs(0)
-    m = (x["u_w"] - x["u_ref_w"]) - (x["u_l"] - x["u_ref_l"])
+    m = (x["chosen_logps"] - x["ref_chosen_logps"]) - (x["rejected_logps"] - x["ref_rejected_logps"])
     hinge_active = TEST_KW["hinge"]["beta"] * m < 1
     assert hinge_active.any() and (~hinge_active).any()
-    dpop_active = x["u_w"] < x["u_ref_w"]
+    dpop_active = x["chosen_logps"] < x["ref_chosen_logps"]
     assert dpop_active.any() and (~dpop_active).any()
-    rrhf_active = x["u_l"] / x["len_l"] > x["u_w"] / x["len_w"]
+    rrhf_active = x["rejected_logps"] / x["rejected_lengths"] > x["chosen_logps"] / x["chosen_lengths"]
     assert rrhf_active.any() and (~rrhf_active).any()
     # the two branches really give different weights
     aw, _ = weights("dpop", **x, **TEST_KW["dpop"])
-    s = 0.1 * torch.sigmoid(-0.1 * (m - 2.0 * torch.relu(x["u_ref_w"] - x["u_w"])))
+    s = 0.1 * torch.sigmoid(-0.1 * (m - 2.0 * torch.relu(x["ref_chosen_logps"] - x["chosen_logps"])))
     torch.testing.assert_close(aw[dpop_active], 3.0 * s[dpop_active], rtol=1e-12, atol=0)
     torch.testing.assert_close(aw[~dpop_active], s[~dpop_active], rtol=1e-12, atol=0)
     _, al = weights("hinge", **x, beta=1.0)
@@ -170,13 +171,13 @@ def test_dpo_gamma_limits():
             torch.testing.assert_close(a, c, rtol=1e-13, atol=0)
     # γ = 0: reference has no effect and may be omitted
     l0 = compute_loss("dpo_gamma", **x, gamma=0.0)
-    other = dict(x, u_ref_w=x["u_ref_w"] + 17.0, u_ref_l=x["u_ref_l"] - 5.0)
+    other = dict(x, ref_chosen_logps=x["ref_chosen_logps"] + 17.0, ref_rejected_logps=x["ref_rejected_logps"] - 5.0)
     torch.testing.assert_close(l0, compute_loss("dpo_gamma", **other, gamma=0.0), rtol=0, atol=0)
-    torch.testing.assert_close(l0, compute_loss("dpo_gamma", x["u_w"], x["u_l"], gamma=0.0))
+    torch.testing.assert_close(l0, compute_loss("dpo_gamma", x["chosen_logps"], x["rejected_logps"], gamma=0.0))
     z = torch.zeros(N, dtype=torch.float64)
-    torch.testing.assert_close(l0, compute_loss("dpo", x["u_w"], x["u_l"], z, z))
+    torch.testing.assert_close(l0, compute_loss("dpo", x["chosen_logps"], x["rejected_logps"], z, z))
     with pytest.raises(ConfigError, match="reference"):
-        compute_loss("dpo_gamma", x["u_w"], x["u_l"], gamma=0.5)
+        compute_loss("dpo_gamma", x["chosen_logps"], x["rejected_logps"], gamma=0.5)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
@@ -234,7 +235,7 @@ def test_orpo_log1mexp_is_stable_near_zero():
     uw = torch.tensor([-1e-9, -1e-3, -30.0], dtype=torch.float64)
     ul = torch.tensor([-2.0, -1e-6, -700.0], dtype=torch.float64)
     one = torch.ones(3, dtype=torch.float64)
-    got = compute_loss("orpo", uw, ul, len_w=one, len_l=one, lam=0.5)
+    got = compute_loss("orpo", uw, ul, chosen_lengths=one, rejected_lengths=one, lam=0.5)
     mp = pytest.importorskip("mpmath")
     mp.mp.dps = 50  # 50-digit reference: the naive float formula itself loses digits near ū = 0
 
@@ -245,7 +246,7 @@ def test_orpo_log1mexp_is_stable_near_zero():
             for a, b in zip(uw.tolist(), ul.tolist())]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
     with pytest.raises(ConfigError, match="ū < 0"):
-        compute_loss("orpo", torch.zeros(3, dtype=torch.float64), ul, len_w=one, len_l=one)
+        compute_loss("orpo", torch.zeros(3, dtype=torch.float64), ul, chosen_lengths=one, rejected_lengths=one)
 
 
 # --- configuration errors ----------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_unknown_key_names_key_and_valid_keys():
         resolve_kwargs("dpop", {"betta": 0.2})
     assert e.value.option == "betta" and e.value.allowed == ["beta", "lam"]
     with pytest.raises(ConfigError, match="betta"):
-        compute_loss("dpo", *_inputs()["u_w"].split(N // 2), betta=1)
+        compute_loss("dpo", *_inputs()["chosen_logps"].split(N // 2), betta=1)
 
 
 def test_resolve_merges_defaults_and_alias():
@@ -293,35 +294,35 @@ def test_resolve_merges_defaults_and_alias():
 def test_missing_reference_lengths_and_bad_shapes():
     x = _inputs()
     with pytest.raises(ConfigError, match="reference") as e:
-        compute_loss("dpo", x["u_w"], x["u_l"])
-    assert e.value.option == "u_ref_w"
+        compute_loss("dpo", x["chosen_logps"], x["rejected_logps"])
+    assert e.value.option == "ref_chosen_logps"
     with pytest.raises(ConfigError, match="reference"):
-        weights("ipo", x["u_w"], x["u_l"], x["u_ref_w"])
+        weights("ipo", x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"])
     with pytest.raises(ConfigError, match="lengths"):
-        compute_loss("simpo", x["u_w"], x["u_l"])
-    compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"], len_l=x["len_l"])  # no ref needed
+        compute_loss("simpo", x["chosen_logps"], x["rejected_logps"])
+    compute_loss("simpo", x["chosen_logps"], x["rejected_logps"], chosen_lengths=x["chosen_lengths"], rejected_lengths=x["rejected_lengths"])  # no ref needed
     with pytest.raises(ConfigError, match="shape") as e:
-        compute_loss("dpo", x["u_w"], x["u_l"][:-1], x["u_ref_w"], x["u_ref_l"])
-    assert e.value.option == "u_l"
+        compute_loss("dpo", x["chosen_logps"], x["rejected_logps"][:-1], x["ref_chosen_logps"], x["ref_rejected_logps"])
+    assert e.value.option == "rejected_logps"
     with pytest.raises(ConfigError, match="shape"):
-        compute_loss("dpo", x["u_w"][None], x["u_l"][None], x["u_ref_w"], x["u_ref_l"])
+        compute_loss("dpo", x["chosen_logps"][None], x["rejected_logps"][None], x["ref_chosen_logps"], x["ref_rejected_logps"])
     with pytest.raises(ConfigError, match="shape"):
-        compute_loss("dpo", x["u_w"], x["u_l"], x["u_ref_w"], x["u_ref_l"][:3])
+        compute_loss("dpo", x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"], x["ref_rejected_logps"][:3])
     with pytest.raises(ConfigError, match="shape"):
-        compute_loss("dpo", x["u_w"].tolist(), x["u_l"], x["u_ref_w"], x["u_ref_l"])
+        compute_loss("dpo", x["chosen_logps"].tolist(), x["rejected_logps"], x["ref_chosen_logps"], x["ref_rejected_logps"])
     with pytest.raises(ConfigError, match="> 0"):
-        compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"] * 0, len_l=x["len_l"])
+        compute_loss("simpo", x["chosen_logps"], x["rejected_logps"], chosen_lengths=x["chosen_lengths"] * 0, rejected_lengths=x["rejected_lengths"])
     with pytest.raises(ConfigError, match="per-pair"):
         compute_loss("cdpo", **x, alpha=torch.full((3,), 0.5, dtype=torch.float64))
 
 
 def test_mixed_dtypes_promote():
     x = _inputs()
-    l32 = compute_loss("dpo", x["u_w"].float(), x["u_l"].float(), x["u_ref_w"], x["u_ref_l"])
+    l32 = compute_loss("dpo", x["chosen_logps"].float(), x["rejected_logps"].float(), x["ref_chosen_logps"], x["ref_rejected_logps"])
     assert l32.dtype == torch.float64
-    as_long = compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"].long(),
-                           len_l=x["len_l"].long())
-    as_float = compute_loss("simpo", x["u_w"], x["u_l"], len_w=x["len_w"], len_l=x["len_l"])
+    as_long = compute_loss("simpo", x["chosen_logps"], x["rejected_logps"], chosen_lengths=x["chosen_lengths"].long(),
+                           rejected_lengths=x["rejected_lengths"].long())
+    as_float = compute_loss("simpo", x["chosen_logps"], x["rejected_logps"], chosen_lengths=x["chosen_lengths"], rejected_lengths=x["rejected_lengths"])
     torch.testing.assert_close(as_long, as_float)
 
 
@@ -434,3 +435,16 @@ def test_rpo_docstring_does_not_cite_rpo_alpha():
     assert '["sigmoid", "sft"]' in get_loss("rpo").doc
     assert "prompt" in get_loss("orpo").doc
     assert "2 × TRL" in get_loss("kto_paired").doc and "½ × TRL" in get_loss("sppo").doc
+
+
+def test_deprecated_keyword_names_still_work():
+    x = _inputs()
+    new = compute_loss("simpo", x["chosen_logps"], x["rejected_logps"],
+                       chosen_lengths=x["chosen_lengths"], rejected_lengths=x["rejected_lengths"])
+    with pytest.warns(DeprecationWarning, match="chosen_lengths"):
+        old = compute_loss("simpo", u_w=x["chosen_logps"], u_l=x["rejected_logps"],
+                           len_w=x["chosen_lengths"], len_l=x["rejected_lengths"])
+    torch.testing.assert_close(new, old)
+    with pytest.raises(ConfigError):
+        compute_loss("dpo", x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"],
+                     x["ref_rejected_logps"], u_ref_w=x["ref_chosen_logps"])

@@ -50,3 +50,12 @@ def test_gradient_stats_repr_is_short():
     st = _stats(0, n=5000)
     r = repr(st)
     assert len(r) < 300 and "n=5000" in r and "tensor(" not in r
+
+
+def test_trl_style_names_and_factorization_dataclass():
+    st = _stats(1, n=4)
+    assert st.chosen_logps is st.u_w and st.rejected_lengths is st.len_l
+    from preflens.dynamics.entanglement import LastLayerFactorization
+    f = LastLayerFactorization(torch.ones(2, 3), torch.full((2, 3), 0.5), torch.full((2, 3), 0.5))
+    hid, res, cos = f
+    assert f[2] is cos and res is f.residual_cos and "shape=(2, 3)" in repr(f)
