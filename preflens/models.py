@@ -274,6 +274,43 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _hub_offline() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    import os
+
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One HEAD request to the hub endpoint (``HF_ENDPOINT``), bounded by ``timeout`` seconds
+    including DNS; any HTTP answer counts as reachable.
+
+    Without it, ``from_pretrained`` on a machine with no network retries for about a minute.
+    """
+    import os
+    import threading
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            ok.append(True)
+        except urllib.error.HTTPError:
+            ok.append(True)  # a server answered
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
 def _hub_error(name: str, exc: Exception) -> ModelError:
     text = str(exc)
     offline = ", ".join(_OFFLINE)
@@ -335,10 +372,20 @@ def load_model(
         raise ModelError(f"model path '{name}' is not a directory")
     else:
         tokenizer_dir = None
+        # Hub unreachable: use the local cache only, and fail in seconds (not a minute of retries).
+        cache_only = _hub_offline() or not _hub_reachable()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code, local_files_only=cache_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                name, trust_remote_code=trust_remote_code, local_files_only=cache_only)
         except Exception as exc:  # noqa: BLE001 -- hub failures come in many types
+            if cache_only:
+                how = ("HF_HUB_OFFLINE=1 is set" if _hub_offline() else
+                       "the Hugging Face hub could not be reached (set HF_HUB_OFFLINE=1 to skip trying)")
+                raise ModelError(
+                    f"model '{name}' is not in the local Hugging Face cache and {how}; offline names: "
+                    f"{', '.join(_OFFLINE)}") from exc
             raise _hub_error(name, exc) from exc
     if getattr(tokenizer, "is_fast", True) is False:
         raise ModelError(f"model '{name}': a fast tokenizer is required")
