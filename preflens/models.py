@@ -268,9 +268,9 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError("--device", f"'{device}' is not a torch device") from exc
+        raise ConfigError("device", f"'{device}' is not a torch device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", f"'{device}' requested but CUDA is not available")
+        raise ConfigError("device", f"'{device}' requested but CUDA is not available")
     return dev
 
 
@@ -384,8 +384,8 @@ def load_model(
                 how = ("HF_HUB_OFFLINE=1 is set" if _hub_offline() else
                        "the Hugging Face hub could not be reached (set HF_HUB_OFFLINE=1 to skip trying)")
                 raise ModelError(
-                    f"model '{name}' is not in the local Hugging Face cache and {how}; offline names: "
-                    f"{', '.join(_OFFLINE)}") from exc
+                    f"unknown or unreachable model '{name}': it is not in the local Hugging Face cache "
+                    f"and {how}. Offline names: {', '.join(_OFFLINE)}") from exc
             raise _hub_error(name, exc) from exc
     if getattr(tokenizer, "is_fast", True) is False:
         raise ModelError(f"model '{name}': a fast tokenizer is required")

@@ -14,10 +14,10 @@ import logging
 import os
 import sys
 
-from preflens.errors import PreflensError
+from preflens.errors import ConfigError, PreflensError
 from preflens.models import DEFAULT_MODEL
 
-__all__ = ["main", "build_parser", "DEFAULT_MODEL"]
+__all__ = ["main", "build_parser", "DEFAULT_MODEL", "flag_for", "to_cli_error"]
 
 # Modules that contribute subcommands, in help order. A module that fails to import is a bug,
 # so the error is not swallowed.
@@ -31,9 +31,53 @@ _SUBCOMMAND_MODULES = (
 )
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (unless it is None/False or the help already says it) and
+    keeps descriptions and epilogs as written (tables of losses, examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS)
+                or "default" in help_text):  # flags (store_true/false) say it in words
+            return help_text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose sub-parsers (of any depth) all use :class:`_HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def flag_for(option: str, args: argparse.Namespace) -> str | None:
+    """The command-line flag for a library parameter name, or None if the command has none.
+
+    A command lists renamed parameters in ``set_defaults(option_flags={"pairs": "--data"})``;
+    otherwise a parameter named like a parsed option maps to it (``batch_size`` -> ``--batch-size``).
+    """
+    renamed = getattr(args, "option_flags", None) or {}
+    if option in renamed:
+        return renamed[option]
+    if option.isidentifier() and option in vars(args) and option not in ("func", "command"):
+        return "--" + option.replace("_", "-")
+    return None
+
+
+def to_cli_error(exc: PreflensError, args: argparse.Namespace) -> PreflensError:
+    """Re-address a library :class:`ConfigError` (which names a Python parameter) to the flag the
+    user typed; other errors are returned unchanged."""
+    if isinstance(exc, ConfigError):
+        flag = flag_for(exc.option, args)
+        if flag is not None:
+            return ConfigError(flag, exc.reason, allowed=exc.allowed)
+    return exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``preflens`` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="preflens",
         description="Measure why preference learning behaves as it does (see README).",
     )
@@ -63,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PreflensError as exc:
-        print(f"preflens {command}: error: {exc}", file=sys.stderr)
+        print(f"preflens {command}: error: {to_cli_error(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         # A command that knows where it stopped attaches the line (e.g. train: "interrupted at

@@ -18,12 +18,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the toyworld GPT-2 from scratch (CPU, ~10 min on 2 idle cores)")
     t.add_argument("--out", required=True, help="output directory (HF layout)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation and data")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2400)")
     t.add_argument("--minutes", type=float, default=None,
                    help="wall-clock cap; a run stopped by it is not deterministic (default: none)")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="closed-book, in-context, counterfactual and yes/no metrics")
@@ -35,9 +35,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     r = sub.add_parser("prefs", help="write preference pairs drawn from the world as JSONL")
     r.add_argument("--kind", required=True, help="single or multi")
     r.add_argument("--out", required=True, help="JSONL file to write")
-    r.add_argument("--n", type=int, default=200)
+    r.add_argument("--n", type=int, default=200, help="number of pairs")
     r.add_argument("--votes", type=int, default=4, help="annotator votes per pair (multi)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the draw")
     r.add_argument("--world", default=None, help="world.json (default: the shipped checkpoint's)")
     r.set_defaults(func=_prefs)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -45,10 +45,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from contextlib import nullcontext
+
+    from preflens.quiet import quiet
     from preflens.toyworld.train import train_toyworld
 
-    s = train_toyworld(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes,
-                       progress=not args.no_progress, device=args.device)
+    with quiet() if args.no_progress else nullcontext():
+        s = train_toyworld(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes,
+                           progress=not args.no_progress, device=args.device)
     print(json.dumps({k: v for k, v in s.items() if k != "loss_every_50"}, indent=1))
     return 0
 

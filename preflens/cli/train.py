@@ -21,7 +21,18 @@ from pathlib import Path
 from preflens.errors import ConfigError, DataError, PreflensError, TrainingError
 from preflens.models import DEFAULT_MODEL
 
-__all__ = ["register", "run_train"]
+__all__ = ["register", "run_train", "loss_help"]
+
+
+def loss_help() -> str:
+    """A table of the registered losses and their parameters with defaults (for ``--help``)."""
+    from preflens.dynamics.losses import LOSSES
+
+    width = max(map(len, LOSSES))
+    rows = [f"  {name:<{width}}  " + (", ".join(f"{k}={v:g}" for k, v in spec.defaults.items()) or "-")
+            for name, spec in LOSSES.items()]
+    return ("losses (--loss NAME; change a parameter with --loss-kwarg KEY=VALUE; defaults shown):\n"
+            + "\n".join(rows))
 
 
 def _loss_kwargs(args) -> dict:
@@ -89,20 +100,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command to an ``argparse`` sub-parser set; returns its parser."""
     p = subparsers.add_parser(
         "train", help="train a model on preference pairs (DPO and other pairwise losses)",
-        description=__doc__.split("\n\n")[0],
+        description="Train a model on preference pairs with a pairwise loss (DPO by default). Writes "
+                    "OUT/metrics.jsonl, OUT/config.json, OUT/checkpoints/step-* and OUT/final-model; "
+                    "rerunning the same command resumes from the newest good checkpoint.",
+        epilog=loss_help(),
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"offline name, HF directory or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--data", required=True, help="TRL-format JSONL (prompt/chosen/rejected)")
     p.add_argument("--eval-data", help="JSONL of held-out pairs (eval/* metrics)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
-    p.add_argument("--loss", default="dpo", help="a loss of preflens.dynamics.losses (default dpo)")
+    p.add_argument("--loss", default="dpo", help="the pairwise loss (see the list below)")
     p.add_argument("--beta", type=float, help="the loss's beta (shorthand for --loss-kwarg beta=...)")
     p.add_argument("--loss-kwarg", action="append", default=[], metavar="KEY=VALUE",
                    help="loss parameter, repeatable (e.g. --loss-kwarg lam=2)")
     p.add_argument("--lr", type=float, required=True, help="peak learning rate")
-    p.add_argument("--schedule", default=None, help="constant (default), linear or cosine")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", default=None, help="learning-rate schedule: constant (default), linear or cosine")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer updates")
     length.add_argument("--epochs", type=int, help="passes over the data")
@@ -112,7 +126,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm")
     p.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -125,7 +139,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a hub model / directory run its own Python code (default off)")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, option_flags=_OPTION_FLAGS)
     return p
 
 
@@ -149,10 +163,12 @@ def _cli_error(exc: PreflensError, args, loss_kwargs: dict) -> PreflensError:
             flag = "--beta"
         elif option in loss_kwargs or (args.loss in LOSSES and option in LOSSES[args.loss].defaults):
             flag = f"--loss-kwarg {option}"
-        elif hasattr(args, option) and not option.startswith("-"):
-            flag = "--" + option.replace("_", "-")
         else:
-            return exc
+            from preflens.cli import flag_for
+
+            flag = flag_for(option, args)
+            if flag is None:
+                return exc
         return ConfigError(flag, exc.reason, allowed=exc.allowed)
     index = getattr(exc, "pair_index", None)
     if isinstance(exc, DataError) and index is not None and exc.file is None:
@@ -186,6 +202,15 @@ def _save_final_model(lm, out: Path) -> Path:
 
 def run_train(args) -> int:
     """Execute ``preflens train`` for parsed ``args``; returns the exit code."""
+    from contextlib import nullcontext
+
+    from preflens.quiet import quiet
+
+    with quiet() if args.no_progress else nullcontext():
+        return _run_train(args)
+
+
+def _run_train(args) -> int:
     from preflens.data import read_pairs
     from preflens.dynamics.train import train_preference
     from preflens.models import load_model

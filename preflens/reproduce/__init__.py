@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from preflens.models import DEFAULT_MODEL
+from preflens.quiet import quiet
 from preflens.reproduce.common import RecipeContext
 
 __all__ = ["PAPERS", "run_paper"]
@@ -47,7 +48,8 @@ def run_paper(
     )
     config = module.Config.quick() if quick else module.Config()
     t0 = time.perf_counter()
-    results = module.run(ctx, config)
+    with quiet():  # no "Loading weights" bars or transformers warnings between the recipe's output
+        results = module.run(ctx, config)
     print(f"\n[{module_name}] done in {time.perf_counter() - t0:.0f} s -> {ctx.results_path}")
     print(module.summary(results))
     return results

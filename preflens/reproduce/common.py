@@ -116,12 +116,12 @@ class RecipeContext:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
-            raise ConfigError("--out", f"{self.out} exists and is not a directory")
+            raise ConfigError("out", f"{self.out} exists and is not a directory")
         try:
             self.figures_dir.mkdir(parents=True, exist_ok=True)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError("--out", f"cannot create output directories: {exc}") from exc
+            raise ConfigError("out", f"cannot create output directories: {exc}") from exc
         # Temporary files of atomic writes killed before their rename (never read; safe to drop).
         for stale in [*self.results_path.parent.glob(f".{self.results_path.name}.*.tmp"),
                       *self.cache_dir.glob(".*.tmp")]:

@@ -96,7 +96,7 @@ def _single_run(ctx, cfg, pair, seed: int, name: str) -> dict:
     pos = tok(pair.chosen, add_special_tokens=False)["input_ids"]
     neg = tok(pair.rejected, add_special_tokens=False)["input_ids"]
     if len(pos) != 1 or len(neg) != 1:
-        raise ConfigError("--model", f"{pair.chosen!r} and {pair.rejected!r} must each be one token "
+        raise ConfigError("model", f"{pair.chosen!r} and {pair.rejected!r} must each be one token "
                           f"for the single-token experiment; the tokenizer of {ctx.model} splits them")
     alignment = unembedding_alignment_from_lm(lm, pos[0], neg[0])
     tracker = DisplacementTracker(lm, [pair], every=1)

@@ -111,7 +111,7 @@ def train_toyworld(
     cfg = config or TrainConfig()
     cfg = TrainConfig(**{**asdict(cfg), "seed": seed, **({"steps": steps} if steps else {})})
     if cfg.steps < 1:
-        raise ConfigError("--steps", f"must be >= 1, got {cfg.steps}")
+        raise ConfigError("steps", f"must be >= 1, got {cfg.steps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -195,6 +195,6 @@ def test_out_under_a_regular_file_is_a_config_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
-        with pytest.raises(ConfigError, match="--out"):
+        with pytest.raises(ConfigError, match="^out: "):
             RecipeContext(paper="fake", out=out)
     assert blocker.read_text() == "x"

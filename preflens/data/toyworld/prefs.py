@@ -40,7 +40,7 @@ def single_token_pairs(world: WorldSpec, n: int, *, seed: int = 0, similar_share
     """``n`` single-token pairs (see module docstring); a share ``similar_share`` are similar
     pairs, the rest dissimilar; half of the prompts state the true capital."""
     if n < 1:
-        raise ConfigError("--n", f"must be >= 1, got {n}")
+        raise ConfigError("n", f"must be >= 1, got {n}")
     if not 0.0 <= similar_share <= 1.0:
         raise ConfigError("similar_share", f"must lie in [0, 1], got {similar_share}")
     rng = random.Random(seed)
@@ -69,7 +69,7 @@ def multi_token_pairs(world: WorldSpec, n: int, *, votes: int = 4, seed: int = 0
     vectors; a wrong answer names another country's capital. α = mean_a σ(r_a(y_w) − r_a(y_l))
     ≥ 0.5 for the stored chosen response."""
     if n < 1:
-        raise ConfigError("--n", f"must be >= 1, got {n}")
+        raise ConfigError("n", f"must be >= 1, got {n}")
     rng = random.Random(seed)
     n_c, n_s = len(world.countries), len(RESPONSE_STYLES)
     out = []

@@ -105,7 +105,7 @@ class WorldSpec:
     def sample_votes(self, feats1, feats2, k: int, rng: random.Random) -> list[int]:
         """K votes (1 = y1 preferred, 0 = y2) from annotators drawn uniformly with replacement."""
         if k < 1:
-            raise ConfigError("--votes", f"must be >= 1, got {k}")
+            raise ConfigError("votes", f"must be >= 1, got {k}")
         r1, r2 = self.rewards(feats1), self.rewards(feats2)
         out = []
         for _ in range(k):
