@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = args.command
     try:
+        if getattr(args, "no_progress", False):  # also transformers' "Loading weights" bars
+            from preflens.quiet import quiet
+
+            with quiet():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except PreflensError as exc:
         print(f"preflens {command}: error: {to_cli_error(exc, args)}", file=sys.stderr)

@@ -45,14 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from contextlib import nullcontext
-
-    from preflens.quiet import quiet
     from preflens.toyworld.train import train_toyworld
 
-    with quiet() if args.no_progress else nullcontext():
-        s = train_toyworld(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes,
-                           progress=not args.no_progress, device=args.device)
+    s = train_toyworld(args.out, seed=args.seed, steps=args.steps, minutes=args.minutes,
+                       progress=not args.no_progress, device=args.device)
     print(json.dumps({k: v for k, v in s.items() if k != "loss_every_50"}, indent=1))
     return 0
 

@@ -202,15 +202,6 @@ def _save_final_model(lm, out: Path) -> Path:
 
 def run_train(args) -> int:
     """Execute ``preflens train`` for parsed ``args``; returns the exit code."""
-    from contextlib import nullcontext
-
-    from preflens.quiet import quiet
-
-    with quiet() if args.no_progress else nullcontext():
-        return _run_train(args)
-
-
-def _run_train(args) -> int:
     from preflens.data import read_pairs
     from preflens.dynamics.train import train_preference
     from preflens.models import load_model

@@ -89,3 +89,21 @@ def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(info, "_info", boom)
     assert main(["info"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["preflens info: interrupted"]
+
+
+def test_no_progress_silences_transformers_during_the_command(tmp_path, monkeypatch):
+    from transformers.utils import logging as tf_logging
+
+    data = write_pairs(tmp_path / "pairs.jsonl", [PreferencePair("Q", " a", " b")] * 4)
+    seen = []
+
+    def record(lm, pairs, **kwargs):
+        seen.append((tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_preference", record)
+    argv = ["train", "--model", "tiny-random", "--data", str(data), "--lr", "1e-3", "--steps", "1",
+            "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "run")]
+    tf_logging.set_verbosity_warning()
+    assert main([*argv, "--no-progress"]) == 130 and main(argv) == 130
+    assert seen == [(tf_logging.ERROR, False), (tf_logging.WARNING, True)]
