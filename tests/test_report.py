@@ -1,0 +1,115 @@
+"""`preflens report` and the TensorBoard / W&B mirrors of the metrics rows."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from preflens.data import PreferencePair
+from preflens.errors import ConfigError, DataError
+from preflens.report import LENSES, MetricsMirror, build_trackers, load_run, parse_lenses, write_report
+
+
+def _pairs(n=12):
+    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 3)}",
+                           f" Rome{' no' * (i % 4)}") for i in range(n)]
+
+
+def _state(lm, step, out_dir, metrics=None, total=4):
+    return SimpleNamespace(step=step, total_steps=total, epoch=0, metrics=metrics if metrics is not None else {},
+                           model=lm.model, lm=lm, rank=0, world_size=1, is_main=True, out_dir=out_dir)
+
+
+def _fake_run(lm, out_dir, callbacks, steps=4):
+    """Drive callbacks like the training loop: on_step results merged after all callbacks ran."""
+    for cb in callbacks:
+        cb.on_train_begin(_state(lm, 0, out_dir, total=steps))
+    with open(out_dir / "metrics.jsonl", "a") as fh:
+        for step in range(1, steps + 1):
+            with torch.no_grad():
+                for p in lm.model.parameters():
+                    p.mul_(1.01)
+            metrics = {"step": step, "loss": 0.7 - 0.01 * step, "rewards/margins": 0.1 * step}
+            state = _state(lm, step, out_dir, metrics, total=steps)
+            added = {}
+            for cb in callbacks:
+                added.update(cb.on_step(state) or {})
+            metrics.update(added)
+            fh.write(json.dumps(metrics) + "\n")
+    for cb in callbacks:
+        cb.on_end(_state(lm, steps, out_dir, total=steps))
+
+
+def test_parse_lenses():
+    assert parse_lenses("ches,ranking") == ["ranking", "ches"]
+    assert parse_lenses("all") == list(LENSES)
+    assert parse_lenses(None) == []
+    with pytest.raises(ConfigError, match="track: unknown lens 'chess'"):
+        parse_lenses("ranking,chess")
+
+
+def test_report_on_a_tracked_run_and_on_a_run_still_going(tiny, tmp_path):
+    lm = copy.deepcopy(tiny)
+    trackers = build_trackers(lm, _pairs(), LENSES, every=2, n=8, ghost_n=4)
+    assert [t.name for t in trackers] == list(LENSES)
+    assert trackers[0].probes is trackers[3].probes and len(trackers[0].probes) == 8
+    _fake_run(lm, tmp_path, trackers)
+    (tmp_path / "config.json").write_text(json.dumps({"loss": "dpo", "lr": 0.1, "total_steps": 4}))
+    out = write_report(tmp_path)
+    assert set(out["figures"]) == {"training", *LENSES}
+    for path in out["figures"].values():
+        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "report.md").read_text()
+    assert "4 steps logged of 4" in text and "## Lens: entanglement" in text
+    assert "| accuracy |" in text and "figures/dla.png" in text
+    # a run still being written: torn last lines are skipped, the report still comes out
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 0.')
+    with open(tmp_path / "tracked" / "ranking.jsonl", "a") as fh:
+        fh.write('{"step": 6, "metr')
+    run = load_run(tmp_path)
+    assert [r["step"] for r in run["metrics"]] == [1, 2, 3, 4]
+    assert [r["step"] for r in run["tracked"]["ranking"]] == [0, 2, 4]
+    write_report(tmp_path)
+
+
+def test_report_needs_a_run_directory(tmp_path):
+    with pytest.raises(DataError, match="not a training run directory"):
+        write_report(tmp_path)
+
+
+def test_tensorboard_mirror_writes_every_row(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lm = copy.deepcopy(tiny)
+    trackers = build_trackers(lm, _pairs(), ["ranking"], every=2, n=6)
+    _fake_run(lm, tmp_path, [*trackers, MetricsMirror("tensorboard")])
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "loss" in tags and "tracked/ranking/accuracy" in tags
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("tracked/ranking/accuracy")] == [2, 4]
+    assert acc.Scalars("tracked/ranking/accuracy")[-1].value == pytest.approx(rows[-1]["tracked/ranking/accuracy"])
+
+
+def test_wandb_offline_mirror_creates_a_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    lm = copy.deepcopy(tiny)
+    mirror = MetricsMirror("wandb", config={"loss": "dpo"})
+    _fake_run(lm, tmp_path, [mirror], steps=2)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and mirror.run_id in runs[0].name
+    assert list(runs[0].glob("run-*.wandb"))
+    assert mirror.state_dict() == {"run_id": mirror.run_id}
+
+
+def test_mirror_rejects_unknown_backend():
+    with pytest.raises(ConfigError, match="report_to"):
+        MetricsMirror("mlflow")
