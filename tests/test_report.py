@@ -54,19 +54,13 @@ def test_parse_lenses():
 
 def test_report_on_a_tracked_run_and_on_a_run_still_going(tiny, tmp_path):
     lm = copy.deepcopy(tiny)
-    trackers = build_trackers(lm, _pairs(), LENSES, every=2, n=8, ghost_n=4)
-    assert [t.name for t in trackers] == list(LENSES)
+    lenses = ["ranking", "displacement", "ches", "entanglement"]  # dla: the end-to-end resume test
+    trackers = build_trackers(lm, _pairs(), lenses, every=2, n=8, ghost_n=4)
+    assert [t.name for t in trackers] == lenses
     assert trackers[0].probes is trackers[3].probes and len(trackers[0].probes) == 8
     _fake_run(lm, tmp_path, trackers)
-    (tmp_path / "config.json").write_text(json.dumps({"loss": "dpo", "lr": 0.1, "total_steps": 4}))
-    out = write_report(tmp_path)
-    assert set(out["figures"]) == {"training", *LENSES}
-    for path in out["figures"].values():
-        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
-    text = (tmp_path / "report.md").read_text()
-    assert "4 steps logged of 4" in text and "## Lens: entanglement" in text
-    assert "| accuracy |" in text and "figures/dla.png" in text
-    # a run still being written: torn last lines are skipped, the report still comes out
+    (tmp_path / "config.json").write_text(json.dumps({"loss": "dpo", "lr": 0.1, "total_steps": 6}))
+    # the run is still being written: torn last lines are skipped
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "loss": 0.')
     with open(tmp_path / "tracked" / "ranking.jsonl", "a") as fh:
@@ -74,12 +68,26 @@ def test_report_on_a_tracked_run_and_on_a_run_still_going(tiny, tmp_path):
     run = load_run(tmp_path)
     assert [r["step"] for r in run["metrics"]] == [1, 2, 3, 4]
     assert [r["step"] for r in run["tracked"]["ranking"]] == [0, 2, 4]
-    write_report(tmp_path)
+    from preflens.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    figures = {p.stem: p for p in (tmp_path / "figures").glob("*.png")}
+    assert set(figures) == {"training", *lenses}
+    for path in figures.values():
+        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "report.md").read_text()
+    assert "4 steps logged of 6" in text and "## Lens: entanglement" in text
+    assert "| accuracy |" in text and "figures/entanglement.png" in text
 
 
-def test_report_needs_a_run_directory(tmp_path):
+def test_report_needs_a_run_directory(tmp_path, capsys):
     with pytest.raises(DataError, match="not a training run directory"):
         write_report(tmp_path)
+    from preflens.cli import main
+
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("preflens report: error:") and "RUN_DIR" in err and "\n" not in err
 
 
 def test_tensorboard_mirror_writes_every_row(tiny, tmp_path):

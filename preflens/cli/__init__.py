@@ -28,6 +28,7 @@ _SUBCOMMAND_MODULES = (
     "preflens.cli.reproduce",
     "preflens.cli.measure",
     "preflens.cli.filter",
+    "preflens.cli.report",
 )
 
 
