@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -350,6 +351,7 @@ class Tracker:
         self.lm, self.every = lm, every
         self.history: list[dict[str, Any]] = []
         self.path: Path | None = None
+        self.seconds = 0.0  # wall time spent recording (not saved: timing is not reproducible)
 
     # -- what subclasses provide ----------------------------------------------------------
     def measure(self, lm, step: int) -> tuple[dict[str, float], dict[str, Any]]:
@@ -376,6 +378,7 @@ class Tracker:
         """Measure ``model`` now, label it ``step``, append to ``history`` (and to the JSONL file
         once the run directory is known); returns the scalars without prefix."""
         lm = self._lm_for(model)
+        t0 = time.perf_counter()
         with measuring(lm.model):
             scalars, detail = self.measure(lm, int(step))
         scalars = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(float(v))}
@@ -383,6 +386,7 @@ class Tracker:
         if self.path is not None:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": int(step), "metrics": scalars, **detail}) + "\n")
+        self.seconds += time.perf_counter() - t0
         return scalars
 
     def _prefixed(self, scalars: dict[str, float]) -> dict[str, float]:
