@@ -19,7 +19,8 @@ from preflens.data.io import atomic_write_text
 from preflens.errors import ConfigError, DataError
 from preflens.tracking import TRACKED_DIR, ProbeSet, read_jsonl, sample_probe_pairs
 
-__all__ = ["LENSES", "REPORT_TO", "parse_lenses", "build_trackers", "load_run", "write_report", "MetricsMirror"]
+__all__ = ["LENSES", "REPORT_TO", "parse_lenses", "build_trackers", "run_callbacks", "load_run", "write_report",
+           "MetricsMirror"]
 
 LENSES = ("ranking", "displacement", "ches", "entanglement", "dla")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -71,6 +72,36 @@ def build_trackers(lm, probe_pairs: Sequence, lenses: Sequence[str], *, every: i
             from preflens.attribution.tracker import DlaTracker
 
             out.append(DlaTracker(lm, pairs, every=every))
+    return out
+
+
+def run_callbacks(lm, pairs: Sequence, *, track=None, track_every: int = 10, track_data=None, track_n: int = 32,
+                  seed: int = 0, loss: str = "dpo", loss_kwargs: dict | None = None, report_to: str = "none",
+                  config: dict | None = None) -> list:
+    """The callbacks ``preflens train --track ... --report-to ...`` adds: the lens trackers, then
+    the metrics mirror (last, so it sees every tracker's scalars).
+
+    The probe set is a fixed sample (seed ``seed``) of ``track_n`` pairs from ``track_data`` (a
+    JSONL file of pairs) or, without it, from the training ``pairs``. Errors name these
+    parameters (the CLI maps them to ``--track``, ``--track-every``, ...).
+    """
+    lenses = parse_lenses(track)
+    for name, value in (("track_every", track_every), ("track_n", track_n)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+    if report_to not in REPORT_TO:
+        raise ConfigError("report_to", f"unknown value {report_to!r}", allowed=REPORT_TO)
+    if track_data is not None and not lenses:
+        raise ConfigError("track_data", "given without track (which lenses to run)")
+    out = []
+    if lenses:
+        from preflens.data import read_pairs
+
+        probe_pairs = read_pairs(track_data) if track_data is not None else pairs
+        out += build_trackers(lm, probe_pairs, lenses, every=track_every, n=track_n, seed=seed, loss=loss,
+                              loss_kwargs=loss_kwargs)
+    if report_to != "none":
+        out.append(MetricsMirror(report_to, config=config))
     return out
 
 

@@ -419,13 +419,33 @@ class Tracker:
     def on_end(self, state) -> None:
         pass
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of what the saved state depends on: the probe pairs (``self.probes`` or
+        ``self.pairs``) and :meth:`settings`."""
+        import hashlib
+
+        probes = getattr(self, "probes", None)
+        pairs = probes.pairs if probes is not None else getattr(self, "pairs", [])
+        text = json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs] + [self.settings()],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def settings(self) -> dict[str, Any]:
+        """Options that change the recorded quantities (part of :meth:`fingerprint`)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "every": self.every, "history": [dict(h) for h in self.history],
-                **self.extra_state()}
+        return {"name": self.name, "every": self.every, "fingerprint": self.fingerprint(),
+                "history": [dict(h) for h in self.history], **self.extra_state()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore a saved state; ConfigError ``track`` when it was recorded by another lens or on
+        other probe pairs / settings (continuing it would mix two experiments)."""
         if d.get("name", self.name) != self.name:
-            raise ConfigError("load_state_dict", f"state of tracker {d.get('name')!r}, not {self.name!r}")
+            raise ConfigError("track", f"saved state of tracker {d.get('name')!r} given to {self.name!r}")
+        if d.get("fingerprint", self.fingerprint()) != self.fingerprint():
+            raise ConfigError("track", f"the run's saved {self.name!r} tracker state was recorded on other probe "
+                              "pairs or settings; resume with the same ones, or start over without resuming")
         self.history = [dict(h) for h in d.get("history", [])]
         self.load_extra_state(d)
 

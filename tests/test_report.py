@@ -121,3 +121,30 @@ def test_wandb_offline_mirror_creates_a_run(tiny, tmp_path, monkeypatch):
 def test_mirror_rejects_unknown_backend():
     with pytest.raises(ConfigError, match="report_to"):
         MetricsMirror("mlflow")
+
+
+def test_run_callbacks_validates_and_orders(tiny, tmp_path):
+    from preflens.data import write_pairs
+    from preflens.report import run_callbacks
+
+    assert run_callbacks(tiny, _pairs()) == []
+    for kw, option in (({"track": "ranking", "track_every": 0}, "track_every"), ({"track": "x"}, "track"),
+                       ({"track": "ranking", "track_n": 0}, "track_n"), ({"report_to": "mlflow"}, "report_to"),
+                       ({"track_data": "p.jsonl"}, "track_data")):
+        with pytest.raises(ConfigError) as exc:
+            run_callbacks(tiny, _pairs(), **kw)
+        assert exc.value.option == option
+    probe_file = tmp_path / "probes.jsonl"
+    write_pairs(probe_file, _pairs(5))
+    cbs = run_callbacks(tiny, _pairs(), track="ches,ranking", track_data=str(probe_file), report_to="tensorboard")
+    assert [c.name for c in cbs] == ["ranking", "ches", "report_to"]
+    assert [p.prompt for p in cbs[0].pairs] == [p.prompt for p in _pairs(5)]
+
+
+def test_saved_state_of_other_probes_is_refused(tiny):
+    from preflens.probes.trackers import RankingTracker
+
+    saved = RankingTracker(tiny, _pairs(6)).state_dict()
+    RankingTracker(tiny, _pairs(6)).load_state_dict(saved)
+    with pytest.raises(ConfigError, match="other probe pairs"):
+        RankingTracker(tiny, _pairs(7)).load_state_dict(saved)

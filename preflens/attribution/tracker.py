@@ -71,8 +71,8 @@ class DlaTracker(Tracker):
                             "with a space and with different first tokens; none of the given pairs do",
                             field="pairs")
         self.batch_size, self.per_head_limit = batch_size, per_head_limit
-        chosen = [list(pairs)[i] for i in self.indices]
-        self.enc = encode(lm.tokenizer, [p.prompt for p in chosen], [p.chosen for p in chosen],
+        self.pairs = [list(pairs)[i] for i in self.indices]
+        self.enc = encode(lm.tokenizer, [p.prompt for p in self.pairs], [p.chosen for p in self.pairs],
                           max_length=lm.n_ctx)
         self.first = torch.tensor([first_token_ids(lm.tokenizer, [p.in_context, p.memorized[0]])
                                    for p in self.prompts])

@@ -104,6 +104,10 @@ class EntanglementTracker(Tracker):
                      "pred_w": tensor_list(d_w), "pred_l": tensor_list(d_l)}
         return scalars, detail
 
+    def settings(self):
+        return {"loss": self.loss, "loss_kwargs": self.loss_kwargs, "ghost_n": self.ghost_n,
+                "params": self.params if isinstance(self.params, (str, type(None))) else sorted(self.params)}
+
     def case_counts_at(self, index: int) -> dict[str, int]:
         """The predicted case counts of record ``index`` of :attr:`history` as ints."""
         h = self.history[index]

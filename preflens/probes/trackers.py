@@ -136,6 +136,9 @@ class DisplacementTracker(Tracker):
             detail["top_gaining"] = gains
         return scalars, detail
 
+    def settings(self):
+        return {"k": self.k, "distributions": self.probes.distribution_pairs}
+
     def extra_state(self):
         return {"base": self.base}
 
