@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "grouped_bars", "histograms"]
+__all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "grouped_bars", "legend_outside",
+           "histograms"]
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
@@ -44,10 +45,14 @@ def line_panels(
     title: str | None = None,
     ncols: int | None = None,
     x: Mapping[str, Sequence[float]] | None = None,
+    legend: str = "inside",
 ):
     """One subplot per panel; each panel maps a series label to its y values.
 
-    ``x`` optionally maps a panel name to its x values (default: 0, 1, 2, … = the index)."""
+    ``x`` optionally maps a panel name to its x values (default: 0, 1, 2, … = the index).
+    ``legend``: ``"inside"`` one legend per panel (best place), ``"outside"`` one legend for the
+    figure, right of the panels, off the data (panels must share their series labels), ``"none"``.
+    """
     n = len(panels)
     ncols = ncols or min(n, 3)
     nrows = int(np.ceil(n / ncols))
@@ -60,7 +65,7 @@ def line_panels(
         ax.set_xlabel(xlabel)
         if ylabels and name in ylabels:
             ax.set_ylabel(ylabels[name])
-        if len(series) > 1:
+        if len(series) > 1 and legend == "inside":
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
@@ -68,7 +73,18 @@ def line_panels(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    if legend == "outside":
+        legend_outside(fig, axes.flat[0])
     return fig
+
+
+def legend_outside(fig, ax, **kwargs) -> None:
+    """One legend for the whole figure from ``ax``'s labelled artists, right of every panel
+    (``save_figure``'s tight bounding box keeps it in the PNG)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                   frameon=False, **kwargs)
 
 
 def heatmap(
@@ -115,8 +131,13 @@ def scatter_with_curve(
     title: str,
     curve_label: str | None = None,
     color_labels: Mapping[object, str] | None = None,
+    legend: str = "inside",
 ):
-    """Scatter (optionally coloured by a category) with an analytic curve on top."""
+    """Scatter (optionally coloured by a category) with an analytic curve on top.
+
+    ``color_labels`` maps a category to its legend label (categories absent from it keep their
+    own name); ``legend``: ``"inside"``, ``"outside"`` (right of the axes) or ``"none"``.
+    """
     fig, ax = plt.subplots(figsize=(5, 3.8))
     x, y = np.asarray(x, float), np.asarray(y, float)
     if colors is None:
@@ -132,10 +153,12 @@ def scatter_with_curve(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if colors is not None or curve_label:
+    if (colors is not None or curve_label) and legend == "inside":
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    if legend == "outside":
+        legend_outside(fig, ax)
     return fig
 
 
@@ -146,22 +169,36 @@ def grouped_bars(
     ylabel: str,
     title: str,
     xlabel: str | None = None,
+    errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    legend: str = "inside",
 ):
-    """Grouped bar chart: one group per x label, one bar per series."""
+    """Grouped bar chart: one group per x label, one bar per series.
+
+    ``errors`` optionally maps a series to ``(low, high)`` per group: an error bar from ``low``
+    to ``high`` (absolute values, e.g. the min and max over seeds). ``legend``: ``"inside"``,
+    ``"outside"`` (right of the axes, off the bars) or ``"none"``.
+    """
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(groups) * max(1, len(series)) / 2 + 3), 3.6))
     width = 0.8 / max(1, len(series))
     xs = np.arange(len(groups))
     for k, (label, values) in enumerate(series.items()):
-        ax.bar(xs + (k - (len(series) - 1) / 2) * width, values, width, label=label)
+        pos = xs + (k - (len(series) - 1) / 2) * width
+        ax.bar(pos, values, width, label=label)
+        if errors and label in errors:
+            lo, hi = (np.asarray(v, float) for v in errors[label])
+            v = np.asarray(values, float)
+            ax.errorbar(pos, v, yerr=[v - lo, hi - v], fmt="none", ecolor="black", capsize=3, lw=1)
     ax.set_xticks(xs, groups, rotation=30 if max(map(len, groups)) > 6 else 0, fontsize=8)
     ax.set_ylabel(ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
-    if len(series) > 1:
+    if len(series) > 1 and legend == "inside":
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
+    if len(series) > 1 and legend == "outside":
+        legend_outside(fig, ax)
     return fig
 
 

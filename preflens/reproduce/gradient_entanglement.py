@@ -1,11 +1,12 @@
 """Recipe: gradient entanglement in margin-based preference losses, and a mitigation.
 
 Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
-Entanglement" (spec: ``shared/research/gradient_entanglement.md``). Steps:
+Entanglement". Steps:
 
 1. **Trajectories**: the same graded-answer pairs trained with DPO, IPO, SimPO, SLiC (hinge),
-   DPO-Positive, CPO and DPO with the pairwise-normalized gradient (spec §7), plain SGD for all
-   (the setting of the paper's first-order analysis), tracking the mean summed log π(y_w) and
+   DPO-Positive, CPO and DPO with the pairwise-normalized gradient (the step along
+   a·(g_w/‖g_w‖ − g_l/‖g_l‖), one of the paper's proposed mitigations), plain SGD for all (the
+   setting of the paper's first-order analysis), tracking the mean summed log π(y_w) and
    log π(y_l) on the training pairs, and at a few checkpoints the per-pair gradient statistics
    (⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖², cos; ghost method) with the predicted case counts (Table 1).
 2. **First-order sign agreement**: for each loss, one plain-SGD step on each pair alone; the
@@ -15,13 +16,18 @@ Entanglement" (spec: ``shared/research/gradient_entanglement.md``). Steps:
    (" Yes" vs " No") against the same pairs with a long shared suffix, scored without EOS so
    that the one-token pairs really differ in exactly one token; cos and DPO's effect on the
    chosen log-prob for each; a token-level gradient-similarity heatmap for one suffix pair.
+
+Each loss's trajectory and a step of its own: editing one loss's settings in ``RUNS`` reruns
+that loss only. The results JSON keeps every value the figures draw (``losses[*].history``,
+``token_similarity``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,9 +35,17 @@ from tqdm.auto import tqdm
 
 from preflens import plotting
 from preflens.data import PreferencePair
+from preflens.data.toyworld.prefs import YESNO_PROMPT, multi_token_pairs
 from preflens.dynamics import losses as loss_registry
-from preflens.models import load_model
-from preflens.reproduce.common import RecipeContext, format_table, toyworld_world
+from preflens.dynamics.entanglement import (
+    case_counts,
+    entanglement_case,
+    pair_gradient_stats,
+    predict_first_order,
+    token_gradient_similarity,
+)
+from preflens.dynamics.train import train_preference
+from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
 from preflens.scoring import collate, encode, response_logprobs, token_logprobs
 
 PAPER = "gradient_entanglement"
@@ -69,9 +83,17 @@ class Config:
                    overlap_pairs=12, overlap_steps=6)
 
 
+def _pairs(ctx: RecipeContext, c) -> list:
+    make = functools.partial(multi_token_pairs, toyworld_world(), c.n_pairs, seed=c.data_seed)
+    return ctx.memo(f"pairs-{c.n_pairs}-{c.data_seed}", make)
+
+
+# -- step 1: trajectories under each loss -----------------------------------------------------
 class _StatsTracker:
     """Callback: every ``every`` steps, mean log-probs on the training pairs and ghost gradient
     statistics + predicted case counts on a fixed subset."""
+
+    name = "entanglement_stats"
 
     def __init__(self, lm, pairs, stats_pairs, every, loss, kwargs):
         self.lm, self.pairs, self.sub, self.every = lm, pairs, stats_pairs, every
@@ -80,9 +102,6 @@ class _StatsTracker:
         self.history: list[dict] = []
 
     def record(self, step: int) -> None:
-        from preflens.dynamics.entanglement import case_counts, entanglement_case, pair_gradient_stats
-        from preflens.dynamics.entanglement import predict_first_order
-
         prompts = [p.prompt for p in self.pairs]
         s_w = response_logprobs(self.lm, prompts, [p.chosen for p in self.pairs], batch_size=64)
         s_l = response_logprobs(self.lm, prompts, [p.rejected for p in self.pairs], batch_size=64)
@@ -110,16 +129,16 @@ class _StatsTracker:
             self.record(state.step)
 
 
-def _trajectory_run(ctx, cfg, pairs, name) -> dict:
-    from preflens.dynamics.train import train_preference
-
-    loss, kwargs, normalized = RUNS[name]
-    lm = load_model(ctx.model, device=ctx.device)
-    tracker = _StatsTracker(lm, pairs, pairs[: cfg.stats_pairs], cfg.stats_every, loss, kwargs)
+@reads("n_pairs", "data_seed", "lr", "epochs", "batch_size", "stats_pairs", "stats_every", "seed")
+def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
+    """Plain-SGD run ``name`` with ``spec`` = (loss, loss kwargs, pairwise_normalized)."""
+    loss, kwargs, normalized = spec
+    pairs, lm = _pairs(ctx, c), ctx.fresh_lm()
+    tracker = _StatsTracker(lm, pairs, pairs[: c.stats_pairs], c.stats_every, loss, kwargs)
     tracker.record(0)
     train_preference(
-        lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=cfg.lr, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, seed=cfg.seed, pairwise_normalized=normalized,
+        lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=c.lr, epochs=c.epochs,
+        batch_size=c.batch_size, seed=c.seed, pairwise_normalized=normalized,
         max_grad_norm=10.0, callbacks=[tracker], out_dir=ctx.cache_dir / "runs" / name, resume=False,
     )
     h = tracker.history
@@ -133,6 +152,7 @@ def _trajectory_run(ctx, cfg, pairs, name) -> dict:
     }
 
 
+# -- step 2: first-order sign agreement -------------------------------------------------------
 def _u(model, tokenizer, pairs, pad_id):
     enc_w = encode(tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
     enc_l = encode(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
@@ -143,41 +163,44 @@ def _u(model, tokenizer, pairs, pad_id):
     return u[:n], u[n:], lens[:n], lens[n:]
 
 
-def _sign_agreement(ctx, cfg, pairs) -> dict:
-    """Predicted vs measured signs of Δu_w, Δu_l after one SGD step on one pair (policy = ref)."""
-    from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order
+def _one_step_agrees(lm, pair, loss, kwargs, lr, pred_w, pred_l) -> bool:
+    """One plain-SGD step on ``pair`` alone (policy = reference); do the measured signs of
+    Δu_w, Δu_l match the predicted ones?"""
+    model = copy.deepcopy(lm.model)
+    u_w, u_l, len_w, len_l = _u(model, lm.tokenizer, [pair], lm.pad_id)
+    ref_w, ref_l = u_w.detach(), u_l.detach()
+    loss_registry.compute_loss(loss, u_w, u_l, ref_w, ref_l, len_w, len_l, **kwargs).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+        a_w, a_l, _, _ = _u(model, lm.tokenizer, [pair], lm.pad_id)
+    d_w, d_l = float(a_w - ref_w), float(a_l - ref_l)
+    return bool(np.sign(d_w) == np.sign(float(pred_w)) and np.sign(d_l) == np.sign(float(pred_l)))
 
-    lm = load_model(ctx.model, device=ctx.device, dtype=torch.float64)
-    sub = pairs[: cfg.sign_pairs]
+
+@reads("n_pairs", "data_seed", "sign_pairs", "sign_lr")
+def sign_agreement(ctx: RecipeContext, c, runs: dict) -> dict:
+    """Per loss in ``runs`` (name -> spec), the fraction of pairs whose one-step signs of Δu_w,
+    Δu_l match the first-order prediction from the gradient statistics (fp64 model)."""
+    lm = ctx.fresh_lm(dtype=torch.float64)
+    sub = _pairs(ctx, c)[: c.sign_pairs]
     stats = pair_gradient_stats(lm, sub, method="ghost")
     out = {}
-    for name, (loss, kwargs, normalized) in RUNS.items():
+    for name, (loss, kwargs, normalized) in runs.items():
         if normalized:
             continue
-        pred_w, pred_l = predict_first_order(stats, loss, lr=cfg.sign_lr, loss_kwargs=kwargs,
+        pred_w, pred_l = predict_first_order(stats, loss, lr=c.sign_lr, loss_kwargs=kwargs,
                                              u_ref_w=stats.u_w, u_ref_l=stats.u_l)
-        agree = 0
-        for i, pair in enumerate(sub):
-            model = copy.deepcopy(lm.model)
-            u_w, u_l, len_w, len_l = _u(model, lm.tokenizer, [pair], lm.pad_id)
-            ref = (u_w.detach(), u_l.detach())
-            lv = loss_registry.compute_loss(loss, u_w, u_l, ref[0], ref[1], len_w, len_l, **kwargs)
-            lv.sum().backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p -= cfg.sign_lr * p.grad
-                a_w, a_l, _, _ = _u(model, lm.tokenizer, [pair], lm.pad_id)
-            d_w, d_l = float(a_w - ref[0]), float(a_l - ref[1])
-            agree += int(np.sign(d_w) == np.sign(float(pred_w[i])) and np.sign(d_l) == np.sign(float(pred_l[i])))
+        agree = sum(_one_step_agrees(lm, pair, loss, kwargs, c.sign_lr, pred_w[i], pred_l[i])
+                    for i, pair in enumerate(sub))
         out[name] = agree / len(sub)
     return out
 
 
-def _overlap_pairs(world, n: int, seed: int, suffix: bool) -> list[PreferencePair]:
+# -- step 3: controlled token overlap ---------------------------------------------------------
+def overlap_pairs(world, n: int, seed: int, suffix: bool) -> list[PreferencePair]:
     """Yes/no pairs; with ``suffix`` both answers continue with the same long explanation."""
-    from preflens.data.toyworld.prefs import YESNO_PROMPT
-
     rng = random.Random(seed)
     out = []
     for k in range(n):
@@ -189,38 +212,37 @@ def _overlap_pairs(world, n: int, seed: int, suffix: bool) -> list[PreferencePai
     return out
 
 
-def _overlap_experiment(ctx, cfg) -> dict:
-    from preflens.dynamics.entanglement import pair_gradient_stats
-    from preflens.dynamics.train import train_preference
-
-    world = toyworld_world()
-    out = {}
-    for kind, suffix in (("one_token", False), ("shared_suffix", True)):
-        pairs = _overlap_pairs(world, cfg.overlap_pairs, cfg.seed + 11, suffix)
-        lm = load_model(ctx.model, device=ctx.device)
-        st = pair_gradient_stats(lm, pairs, method="ghost", batch_size=16, add_eos=False)
-        prompts = [p.prompt for p in pairs]
-
-        def score(side):
-            return response_logprobs(lm, prompts, [getattr(p, side) for p in pairs], add_eos=False).logp
-
-        before, before_l = score("chosen"), score("rejected")
-        train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
-                         lr=cfg.overlap_lr, steps=cfg.overlap_steps, batch_size=min(16, len(pairs)),
-                         seed=cfg.seed,
-                         add_eos=False, out_dir=ctx.cache_dir / "runs" / f"overlap-{kind}", resume=False)
-        after, after_l = score("chosen"), score("rejected")
-        out[kind] = {"mean_cos": float(st.cos.mean()), "frac_cos_positive": float((st.cos > 0).double().mean()),
-                     "chosen_delta": float((after - before).mean()),
-                     "rejected_delta": float((after_l - before_l).mean())}
-    return out
+def _summed_logps(lm, pairs, side: str):
+    prompts = [p.prompt for p in pairs]
+    return response_logprobs(lm, prompts, [getattr(p, side) for p in pairs], add_eos=False).logp
 
 
-def _token_heatmap(ctx, cfg) -> dict:
-    from preflens.dynamics.entanglement import token_gradient_similarity
+def _overlap_arm(ctx: RecipeContext, c, kind: str, suffix: bool) -> dict:
+    pairs = overlap_pairs(toyworld_world(), c.overlap_pairs, c.seed + 11, suffix)
+    lm = ctx.fresh_lm()
+    st = pair_gradient_stats(lm, pairs, method="ghost", batch_size=16, add_eos=False)
+    before, before_l = _summed_logps(lm, pairs, "chosen"), _summed_logps(lm, pairs, "rejected")
+    train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
+                     lr=c.overlap_lr, steps=c.overlap_steps, batch_size=min(16, len(pairs)), seed=c.seed,
+                     add_eos=False, out_dir=ctx.cache_dir / "runs" / f"overlap-{kind}", resume=False)
+    after, after_l = _summed_logps(lm, pairs, "chosen"), _summed_logps(lm, pairs, "rejected")
+    return {"mean_cos": float(st.cos.mean()), "frac_cos_positive": float((st.cos > 0).double().mean()),
+            "chosen_delta": float((after - before).mean()),
+            "rejected_delta": float((after_l - before_l).mean())}
 
-    lm = load_model(ctx.model, device=ctx.device)
-    pair = _overlap_pairs(toyworld_world(), 1, cfg.seed + 11, True)[0]
+
+@reads("overlap_pairs", "overlap_lr", "overlap_steps", "seed")
+def overlap(ctx: RecipeContext, c) -> dict:
+    """One-token pairs vs the same pairs with a shared suffix: cos and DPO's Δ log-probs."""
+    return {kind: _overlap_arm(ctx, c, kind, suffix) for kind, suffix in (("one_token", False),
+                                                                           ("shared_suffix", True))}
+
+
+@reads("seed")
+def token_heatmap(ctx: RecipeContext, c) -> dict:
+    """Token-level gradient cosine between the responses of one shared-suffix pair."""
+    lm = ctx.shared_lm()
+    pair = overlap_pairs(toyworld_world(), 1, c.seed + 11, True)[0]
     sim = token_gradient_similarity(lm, pair)
     tok = lm.tokenizer
     enc = encode(tok, [pair.prompt, pair.prompt], [pair.chosen, pair.rejected])  # EOS included, as sim
@@ -229,54 +251,62 @@ def _token_heatmap(ctx, cfg) -> dict:
             "rejected_tokens": [tok.decode([i]) for i in enc[1].response_ids]}
 
 
+# -- run --------------------------------------------------------------------------------------
 def run(ctx: RecipeContext, cfg: Config) -> dict:
-    from preflens.data.toyworld.prefs import multi_token_pairs
-
-    world = toyworld_world()
-    pairs = multi_token_pairs(world, cfg.n_pairs, seed=cfg.data_seed)
-    runs = {}
-    for name in tqdm(RUNS, desc="loss trajectories"):
-        runs[name] = ctx.step(f"trajectory-{name}", asdict(cfg), lambda: _trajectory_run(ctx, cfg, pairs, name))
-    sign = ctx.step("sign-agreement", asdict(cfg), lambda: _sign_agreement(ctx, cfg, pairs))
-    overlap = ctx.step("overlap", asdict(cfg), lambda: _overlap_experiment(ctx, cfg))
-    heat = ctx.step("token-heatmap", asdict(cfg), lambda: _token_heatmap(ctx, cfg))
-    plain = runs["dpo"]
-    mitigated = runs["dpo_pairwise_normalized"]
+    runs = {name: ctx.step(f"trajectory-{name}", trajectory, cfg, name, list(spec))
+            for name, spec in tqdm(RUNS.items(), desc="loss trajectories")}
+    sign = ctx.step("sign-agreement", sign_agreement, cfg, {n: list(s) for n, s in RUNS.items()})
+    ov = ctx.step("overlap", overlap, cfg)
+    heat = ctx.step("token-heatmap", token_heatmap, cfg)
+    plain, mitigated = runs["dpo"], runs["dpo_pairwise_normalized"]
+    keys = ("chosen_delta", "rejected_delta", "case_counts", "case_counts_final", "mean_cos_start",
+            "mean_cos_end", "history")
     results = {
-        "model": ctx.model,
-        "config": asdict(cfg),
-        "losses": {n: {k: r[k] for k in ("chosen_delta", "rejected_delta", "case_counts", "case_counts_final",
-                                         "mean_cos_start", "mean_cos_end")} for n, r in runs.items()},
+        **ctx.header(cfg),
+        "losses": {n: {k: r[k] for k in keys} for n, r in runs.items()},
         "first_order_sign_agreement": sign,
-        "overlap_experiment": overlap,
+        "overlap_experiment": ov,
         "normalized_mitigation": {
             "dpo_chosen_delta": plain["chosen_delta"], "dpo_rejected_delta": plain["rejected_delta"],
             "normalized_chosen_delta": mitigated["chosen_delta"],
             "normalized_rejected_delta": mitigated["rejected_delta"],
         },
+        "token_similarity": heat,
     }
-    _figures(ctx, runs, heat)
     ctx.write_results(results)
     return results
 
 
-def _figures(ctx, runs, heat) -> None:
+# -- render (from the results JSON only) ------------------------------------------------------
+def render(results: dict, ctx: RecipeContext) -> list:
+    """Every figure of this recipe, drawn from ``results`` alone (no model, no training)."""
+    return [_render_trajectories(results, ctx), _render_token_similarity(results, ctx)]
+
+
+def _render_trajectories(results: dict, ctx: RecipeContext):
+    runs = results["losses"]
     panels = {
         "mean log π(y_w)": {n: [h["logp_chosen"] for h in r["history"]] for n, r in runs.items()},
         "mean log π(y_l)": {n: [h["logp_rejected"] for h in r["history"]] for n, r in runs.items()},
         "mean cos(g_w, g_l)": {n: [h["mean_cos"] for h in r["history"]] for n, r in runs.items()},
     }
     steps = [h["step"] for h in next(iter(runs.values()))["history"]]
-    fig = plotting.line_panels(panels, x={k: steps for k in panels}, xlabel="SGD step",
-                               title="chosen/rejected log-probs under margin losses (SGD)")
-    plotting.save_figure(fig, ctx.figure("trajectories"))
+    ylabels = {"mean log π(y_w)": "nats (summed)", "mean log π(y_l)": "nats (summed)",
+               "mean cos(g_w, g_l)": "cosine"}
+    fig = plotting.line_panels(panels, x={k: steps for k in panels}, xlabel="SGD step", ylabels=ylabels,
+                               title="chosen/rejected log-probs under margin losses (SGD)", legend="outside")
+    return ctx.save_figure(fig, "trajectories", results)
+
+
+def _render_token_similarity(results: dict, ctx: RecipeContext):
+    heat = results["token_similarity"]
     fig = plotting.heatmap(
-        np.asarray(heat["cos"]), xlabel="rejected token", ylabel="chosen token",
+        np.asarray(heat["cos"], dtype=float), xlabel="rejected token", ylabel="chosen token",
         title="token-level gradient cosine (shared suffix pair)",
         xticklabels=[t.strip() or repr(t) for t in heat["rejected_tokens"]],
         yticklabels=[t.strip() or repr(t) for t in heat["chosen_tokens"]],
     )
-    plotting.save_figure(fig, ctx.figure("token_similarity"))
+    return ctx.save_figure(fig, "token_similarity", results)
 
 
 def summary(results: dict) -> str:
@@ -288,4 +318,3 @@ def summary(results: dict) -> str:
     return (f"{t}\nsign agreement: " + ", ".join(f"{k} {v:.2f}" for k, v in results["first_order_sign_agreement"].items())
             + f"\noverlap: one token cos {ov['one_token']['mean_cos']:.2f} Δchosen {ov['one_token']['chosen_delta']:.2f}; "
             f"shared suffix cos {ov['shared_suffix']['mean_cos']:.2f} Δchosen {ov['shared_suffix']['chosen_delta']:.2f}")
-

@@ -1,5 +1,6 @@
-"""Reproduction recipes restart cleanly: :class:`preflens.reproduce.common.RecipeContext` tested
-directly with a fake three-step recipe (the real recipes are too slow for this suite).
+"""Reproduction recipes restart cleanly: :class:`preflens.reproduce.common.RecipeContext`'s step
+cache tested directly with a fake three-step recipe (the real recipes are too slow for this
+suite; ``tests/reproduce`` checks how recipe steps are keyed).
 
 A killed run reuses the steps that finished and recomputes the rest; a corrupt cache file is
 recomputed; ``results/<paper>.json`` is only ever replaced whole (a kill or a full disk during
@@ -52,9 +53,9 @@ if stall == "results":  # sleep inside the atomic write: temp file written, not 
     os.fsync = slow_fsync
 
 ctx = RecipeContext(paper="fake", out=out)
-a = ctx.step("a", {"n": 1}, compute("a", 1.0))
-b = ctx.step("b", {"n": 2}, compute("b", 2.0))
-c = ctx.step("c", {"n": 3, "version": version}, compute("c", 3.0 * version))
+a = ctx.cached("a", {"n": 1}, compute("a", 1.0))
+b = ctx.cached("b", {"n": 2}, compute("b", 2.0))
+c = ctx.cached("c", {"n": 3, "version": version}, compute("c", 3.0 * version))
 ctx.write_results({"steps": [a, b, c], "version": version, "padding": "x" * 100000})
 print("done")
 '''
@@ -128,14 +129,14 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, caplog, corruption):
         calls.append(1)
         return {"x": [1, 2, 3]}
 
-    assert ctx.step("a", {"k": 1}, fn) == {"x": [1, 2, 3]}
+    assert ctx.cached("a", {"k": 1}, fn) == {"x": [1, 2, 3]}
     (path,) = ctx.cache_dir.glob("a-*.json")
     path.write_bytes(corruption)
     with caplog.at_level(logging.WARNING, logger="preflens.reproduce.common"):
-        assert ctx.step("a", {"k": 1}, fn) == {"x": [1, 2, 3]}
+        assert ctx.cached("a", {"k": 1}, fn) == {"x": [1, 2, 3]}
     assert len(calls) == 2 and any("is corrupt; recomputing" in r.getMessage() for r in caplog.records)
     assert json.loads(path.read_text()) == {"x": [1, 2, 3]}  # rewritten whole
-    assert ctx.step("a", {"k": 1}, fn) == {"x": [1, 2, 3]} and len(calls) == 2
+    assert ctx.cached("a", {"k": 1}, fn) == {"x": [1, 2, 3]} and len(calls) == 2
 
 
 def test_cache_key_covers_config_model_quick_seed_and_no_resume(tmp_path):
@@ -146,13 +147,13 @@ def test_cache_key_covers_config_model_quick_seed_and_no_resume(tmp_path):
         return len(calls)
 
     base = dict(paper="fake", out=tmp_path)
-    assert RecipeContext(**base).step("s", {"k": 1}, fn) == 1
-    assert RecipeContext(**base).step("s", {"k": 1}, fn) == 1  # reused
-    assert RecipeContext(**base).step("s", {"k": 2}, fn) == 2
-    assert RecipeContext(**base, model="tiny-random").step("s", {"k": 1}, fn) == 3
-    assert RecipeContext(**base, quick=True).step("s", {"k": 1}, fn) == 4
-    assert RecipeContext(**base, seed=1).step("s", {"k": 1}, fn) == 5
-    assert RecipeContext(**base, resume=False).step("s", {"k": 1}, fn) == 6
+    assert RecipeContext(**base).cached("s", {"k": 1}, fn) == 1
+    assert RecipeContext(**base).cached("s", {"k": 1}, fn) == 1  # reused
+    assert RecipeContext(**base).cached("s", {"k": 2}, fn) == 2
+    assert RecipeContext(**base, model="tiny-random").cached("s", {"k": 1}, fn) == 3
+    assert RecipeContext(**base, quick=True).cached("s", {"k": 1}, fn) == 4
+    assert RecipeContext(**base, seed=1).cached("s", {"k": 1}, fn) == 5
+    assert RecipeContext(**base, resume=False).cached("s", {"k": 1}, fn) == 6
 
 
 def test_results_on_a_full_disk_keep_the_previous_file(tmp_path, monkeypatch):
@@ -167,9 +168,9 @@ def test_results_on_a_full_disk_keep_the_previous_file(tmp_path, monkeypatch):
         ctx.write_results({"a": 2, "big": list(range(1000))})
     assert str(ctx.results_path) in str(exc.value) and "No space left on device" in str(exc.value)
     assert json.loads(ctx.results_path.read_text()) == {"a": 1}
-    assert sorted(p.name for p in ctx.results_path.parent.iterdir()) == [".cache", "fake.json"]
+    assert sorted(p.name for p in ctx.results_path.parent.iterdir()) == ["fake.json"]
     # A step whose cache cannot be written still returns its result (logged, not fatal).
-    assert ctx.step("s", {}, lambda: {"v": 1}) == {"v": 1}
+    assert ctx.cached("s", {}, lambda: {"v": 1}) == {"v": 1}
     assert not list(ctx.cache_dir.iterdir())
 
 
@@ -185,7 +186,7 @@ def test_non_finite_results_are_refused_before_writing(tmp_path):
 def test_step_and_figure_names_cannot_leave_their_folder(tmp_path, name):
     ctx = RecipeContext(paper="fake", out=tmp_path / "out")
     with pytest.raises(ConfigError, match="not a plain file name"):
-        ctx.step(name, {}, lambda: 1)
+        ctx.cached(name, {}, lambda: 1)
     with pytest.raises(ConfigError, match="not a plain file name"):
         ctx.figure(name)
     assert not (tmp_path / "escape").exists() and not list((tmp_path / "out").rglob("*.json"))

@@ -1,10 +1,13 @@
 """Smoke test: `preflens reproduce all --quick` on toyworld writes every documented JSON key and
-figure, with every number finite (the README's JSON keys are the contract checked here)."""
+figure, with every number finite (the README's JSON keys are the contract checked here), marks
+its results as a smoke test, and writes the same key structure as the render fixtures in
+``data/`` (regenerate them from a quick run when a recipe's results change shape)."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +50,22 @@ def _numbers(obj):
             yield from _numbers(v)
 
 
+DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.slow  # all four recipes, minutes on 2 cores
+
+
+def _key_paths(obj, path="$") -> set[str]:
+    """Every key path of a JSON object, list indices collapsed to ``[]``."""
+    out = {path}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out |= _key_paths(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= _key_paths(v, f"{path}[]")
+    return out
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
@@ -75,6 +94,9 @@ def test_quick_reproduction_outputs(quick_run, paper):
         for name in ("dpo", "ipo", "simpo", "slic", "dpop", "cpo", "dpo_pairwise_normalized"):
             assert {"chosen_delta", "rejected_delta", "case_counts"} <= set(results["losses"][name])
     assert all(math.isfinite(x) for x in _numbers(results)), paper
+    assert results["quick"] is True and "smoke test" in results["note"]
+    fixture = json.loads((DATA / f"{paper}.json").read_text())
+    assert _key_paths(results) == _key_paths(fixture), "results changed shape: regenerate tests/reproduce/data"
     for fig in spec["figures"]:
         path = quick_run / "figures" / paper / f"{fig}.png"
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path

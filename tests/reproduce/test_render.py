@@ -1,0 +1,83 @@
+"""``render_only``: every figure is drawn from a results JSON alone, with no model and no training.
+
+The fixtures in ``data/`` are the results JSON of ``preflens reproduce all --quick`` (the slow
+quick test checks that a fresh quick run still writes the same key structure).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import preflens.reproduce.common as common
+from preflens.errors import ConfigError
+from preflens.reproduce import PAPERS, render_paper
+
+DATA = Path(__file__).parent / "data"
+FIGURES = {
+    "likelihood_displacement": ["ches_quantiles", "single_token_dissimilar", "single_token_similar"],
+    "ranking_accuracy": ["dpo_loss_vs_c", "observed_vs_idealized", "ranking_accuracy_during_dpo"],
+    "factual_recall": ["head_attribution", "head_scaling", "rates_by_frequency"],
+    "gradient_entanglement": ["token_similarity", "trajectories"],
+}
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("render touched a model or the training loop")
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model, training, or running any torch module fails the test."""
+    monkeypatch.setattr(common, "load_model", _refuse)
+    monkeypatch.setattr(torch.nn.Module, "__call__", _refuse)
+    for name in PAPERS.values():
+        module = __import__(f"preflens.reproduce.{name}", fromlist=["run"])
+        if hasattr(module, "train_preference"):
+            monkeypatch.setattr(module, "train_preference", _refuse)
+
+
+def _out_with(tmp_path: Path, paper: str) -> Path:
+    (tmp_path / "results").mkdir()
+    shutil.copy(DATA / f"{paper}.json", tmp_path / "results" / f"{paper}.json")
+    return tmp_path
+
+
+@pytest.mark.parametrize("paper", sorted(FIGURES))
+def test_render_only_draws_every_figure_from_the_results_json(tmp_path, no_models, capsys, paper):
+    out = _out_with(tmp_path, paper)
+    before = (out / "results" / f"{paper}.json").read_bytes()
+    results = render_paper(paper.replace("_", "-"), out=out)
+    figures = out / "figures" / paper
+    assert sorted(p.stem for p in figures.iterdir()) == FIGURES[paper]
+    for path in figures.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert (out / "results" / f"{paper}.json").read_bytes() == before  # the JSON is only read
+    assert not (out / "results" / ".cache").exists()
+    assert results["quick"] is True and "smoke test" in capsys.readouterr().out
+
+
+def test_render_only_without_results_names_the_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"out: no .*ranking_accuracy\.json; run the recipe first"):
+        render_paper("ranking-accuracy", out=tmp_path)
+    assert not (tmp_path / "figures" / "ranking_accuracy").exists() or not list(
+        (tmp_path / "figures" / "ranking_accuracy").iterdir())
+
+
+def test_render_only_on_results_lacking_per_item_data_is_a_config_error(tmp_path, no_models):
+    out = _out_with(tmp_path, "ranking_accuracy")
+    path = out / "results" / "ranking_accuracy.json"
+    results = json.loads(path.read_text())
+    del results["per_pair"]  # as in results written before the recipes kept per-pair values
+    path.write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match=r"lacks what the figures need \(KeyError\('per_pair'\)\)"):
+        render_paper("ranking_accuracy", out=out)
+
+
+def test_unknown_paper_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="paper: unknown paper 'ranking'; valid: .*ranking-accuracy"):
+        render_paper("ranking", out=tmp_path)
