@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from preflens.errors import ConfigError
 from preflens.models import DEFAULT_MODEL
 from preflens.reproduce import PAPERS, run_paper
 
@@ -15,13 +16,22 @@ def _paper_name(text: str) -> str:
     return text.replace("_", "-")
 
 
+# Python parameters of run_paper that the recipes' errors name -> the flag that sets them.
+FLAGS = {"out": "--out", "model": "--model", "device": "--device"}
+
+
 def _cmd(args: argparse.Namespace) -> int:
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
     for paper in papers:
-        run_paper(
-            paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
-            resume=args.resume,
-        )
+        try:
+            run_paper(
+                paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
+                resume=args.resume, render_only=args.render_only,
+            )
+        except ConfigError as exc:
+            if exc.option not in FLAGS:
+                raise
+            raise ConfigError(FLAGS[exc.option], exc.reason, allowed=exc.allowed) from exc
     return 0
 
 
@@ -38,5 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--out", default=".", help="folder for figures/ and results/ (default: .)")
     ap.add_argument("--quick", action="store_true", help="small version for smoke tests (≤ 3 min)")
     ap.add_argument("--no-resume", dest="resume", action="store_false", help="ignore finished steps")
+    ap.add_argument("--render-only", action="store_true",
+                    help="only redraw figures/<paper>/*.png from results/<paper>.json under --out "
+                         "(no model, no training; seconds)")
     ap.set_defaults(func=_cmd)
     return ap
