@@ -110,7 +110,8 @@ class _StatsTracker:
         st = pair_gradient_stats(self.lm, self.sub, method="ghost", batch_size=16)
         k = len(self.sub)
         spec = loss_registry.get_loss(self.loss)
-        refs = dict(u_ref_w=self.ref[0][:k], u_ref_l=self.ref[1][:k]) if spec.uses_reference else {}
+        refs = (dict(ref_chosen_logps=self.ref[0][:k], ref_rejected_logps=self.ref[1][:k])
+                if spec.uses_reference else {})
         d_w, d_l = predict_first_order(st, self.loss, lr=1.0, loss_kwargs=self.kwargs, **refs)
         self.history.append({
             "step": step,
@@ -191,7 +192,7 @@ def sign_agreement(ctx: RecipeContext, c, runs: dict) -> dict:
         if normalized:
             continue
         pred_w, pred_l = predict_first_order(stats, loss, lr=c.sign_lr, loss_kwargs=kwargs,
-                                             u_ref_w=stats.u_w, u_ref_l=stats.u_l)
+                                             ref_chosen_logps=stats.u_w, ref_rejected_logps=stats.u_l)
         agree = sum(_one_step_agrees(lm, pair, loss, kwargs, c.sign_lr, pred_w[i], pred_l[i])
                     for i, pair in enumerate(sub))
         out[name] = agree / len(sub)

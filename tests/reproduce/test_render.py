@@ -81,3 +81,22 @@ def test_render_only_on_results_lacking_per_item_data_is_a_config_error(tmp_path
 def test_unknown_paper_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match="paper: unknown paper 'ranking'; valid: .*ranking-accuracy"):
         render_paper("ranking", out=tmp_path)
+
+
+def test_cli_render_only_all_redraws_every_paper(tmp_path, no_models, capsys):
+    from preflens.cli import main
+
+    (tmp_path / "results").mkdir()
+    for paper in FIGURES:
+        shutil.copy(DATA / f"{paper}.json", tmp_path / "results" / f"{paper}.json")
+    assert main(["reproduce", "all", "--render-only", "--out", str(tmp_path)]) == 0
+    for paper, names in FIGURES.items():
+        assert sorted(p.stem for p in (tmp_path / "figures" / paper).iterdir()) == names
+
+
+def test_cli_render_only_without_results_is_one_line_naming_the_flag(tmp_path, capsys):
+    from preflens.cli import main
+
+    assert main(["reproduce", "factual_recall", "--render-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out: no " in err and "factual_recall.json" in err
