@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from preflens.errors import ConfigError
 from preflens.models import DEFAULT_MODEL
 from preflens.reproduce import PAPERS, run_paper
 
@@ -16,22 +15,13 @@ def _paper_name(text: str) -> str:
     return text.replace("_", "-")
 
 
-# Python parameters of run_paper that the recipes' errors name -> the flag that sets them.
-FLAGS = {"out": "--out", "model": "--model", "device": "--device"}
-
-
 def _cmd(args: argparse.Namespace) -> int:
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
     for paper in papers:
-        try:
-            run_paper(
-                paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
-                resume=args.resume, render_only=args.render_only,
-            )
-        except ConfigError as exc:
-            if exc.option not in FLAGS:
-                raise
-            raise ConfigError(FLAGS[exc.option], exc.reason, allowed=exc.allowed) from exc
+        run_paper(
+            paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
+            resume=args.resume, render_only=args.render_only,
+        )
     return 0
 
 
