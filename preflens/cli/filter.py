@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from preflens.cli.measure import add_data_args, readdress
-from preflens.errors import PreflensError
+from preflens.cli.measure import OPTION_FLAGS, add_data_args
 from preflens.models import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -25,21 +24,18 @@ def _cmd(args: argparse.Namespace) -> int:
     from preflens.measure.filtering import filter_pairs, select_lowest
     from preflens.models import load_model
 
-    try:
-        import torch
+    import torch
 
-        # option errors before the model loads and the data is scored
-        select_lowest(torch.zeros(max(1, args.keep_lowest or 1)), drop_top=args.drop_top,
-                      keep_lowest=args.keep_lowest)
-        lm = load_model(args.model, device=args.device)
-        pairs = load_pairs(args.data, args.format, split=args.split, tokenizer=lm.tokenizer,
-                           limit=args.limit, sample=args.sample, seed=args.seed,
-                           on_error="skip" if args.skip_bad_rows else "raise")
-        info = filter_pairs(lm, pairs, args.out, by=args.by, drop_top=args.drop_top,
-                            keep_lowest=args.keep_lowest, batch_size=args.batch_size,
-                            progress=not args.no_progress)
-    except PreflensError as exc:
-        raise readdress(exc) from None
+    # option errors before the model loads and the data is scored
+    select_lowest(torch.zeros(max(1, args.keep_lowest or 1)), drop_top=args.drop_top,
+                  keep_lowest=args.keep_lowest)
+    lm = load_model(args.model, device=args.device)
+    pairs = load_pairs(args.data, args.format, split=args.split, tokenizer=lm.tokenizer,
+                       limit=args.limit, sample=args.sample, seed=args.seed,
+                       on_error="skip" if args.skip_bad_rows else "raise")
+    info = filter_pairs(lm, pairs, args.out, by=args.by, drop_top=args.drop_top,
+                        keep_lowest=args.keep_lowest, batch_size=args.batch_size,
+                        progress=not args.no_progress)
     print(json.dumps({"out": args.out, **info}))
     return 0
 
@@ -61,5 +57,5 @@ def register(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=None, help="default: chosen for the device")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.set_defaults(func=_cmd)
+    ap.set_defaults(func=_cmd, option_flags=OPTION_FLAGS)
     return ap

@@ -7,7 +7,8 @@
 
 Writes ``OUT/scores.jsonl`` (one line per item), ``OUT/summary.json`` and ``OUT/<lens>.png``; a
 killed run continues where it stopped when rerun with the same command (``--no-resume`` starts
-over). Library errors name Python parameters; this module re-addresses them to the flags.
+over). Library errors name Python parameters; ``preflens.cli.main`` re-addresses them to the
+flags (the renamed ones are listed in :data:`OPTION_FLAGS`).
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from preflens.errors import ConfigError, PreflensError
+from preflens.errors import ConfigError
 from preflens.models import DEFAULT_MODEL
 
-__all__ = ["register", "FLAGS", "readdress", "add_data_args"]
+__all__ = ["register", "OPTION_FLAGS", "add_data_args"]
 
-#: Python parameter (library error option) -> command-line flag
-FLAGS = {
-    "lens": "LENS", "model": "--model", "reference": "--reference", "data": "--data",
-    "source": "--data", "format": "--format", "split": "--split", "limit": "--limit",
-    "sample": "--sample", "seed": "--seed", "on_error": "--skip-bad-rows", "out_dir": "--out",
-    "batch_size": "--batch-size", "chunk_size": "--chunk-size", "betas": "--betas",
-    "method": "--gradient-method", "params": "--params", "loss": "--loss", "beta": "--beta",
-    "top_k": "--top-k", "by": "--by", "drop_top": "--drop-top", "keep_lowest": "--keep-lowest",
-    "scales": "--scale", "answer": "--answer", "position": "--position", "options": "lens options",
+#: library parameter -> flag, where the names differ (the others map by name: batch_size -> --batch-size)
+OPTION_FLAGS = {
+    "lens": "LENS", "data": "--data", "source": "--data", "pairs": "--data", "on_error": "--skip-bad-rows",
+    "out_dir": "--out", "method": "--gradient-method", "include_layernorm": "--no-layernorm",
+    "loss_kwargs": "--beta", "scales": "--scale", "options": "lens options",
 }
 #: lens option (Options field) -> the flag that sets it, per lens
 _LENS_FLAGS = {
@@ -38,14 +35,6 @@ _LENS_FLAGS = {
     "displacement": {"top_k": "top_k"},
     "dla": {"scale": "scales", "answer": "answer", "position": "position", "top_k": "top_k"},
 }
-
-
-def readdress(exc: PreflensError) -> PreflensError:
-    """A ConfigError naming a Python parameter becomes one naming its flag (others unchanged)."""
-    if isinstance(exc, ConfigError) and exc.option in FLAGS:
-        new = ConfigError(FLAGS[exc.option], exc.reason, allowed=exc.allowed)
-        return new.with_traceback(exc.__traceback__)
-    return exc
 
 
 def add_data_args(ap: argparse.ArgumentParser) -> None:
@@ -94,16 +83,13 @@ def _lens_options(args) -> dict:
 def _cmd(args: argparse.Namespace) -> int:
     from preflens.measure import measure
 
-    try:
-        summary = measure(
-            args.lens, model=args.model, reference=args.reference, data=args.data, out_dir=args.out,
-            format=args.format, split=args.split, limit=args.limit, sample=args.sample, seed=args.seed,
-            options=_lens_options(args), batch_size=args.batch_size, chunk_size=args.chunk_size,
-            device=args.device, resume=args.resume, progress=not args.no_progress,
-            on_error="skip" if args.skip_bad_rows else "raise",
-        )
-    except PreflensError as exc:
-        raise readdress(exc) from None
+    summary = measure(
+        args.lens, model=args.model, reference=args.reference, data=args.data, out_dir=args.out,
+        format=args.format, split=args.split, limit=args.limit, sample=args.sample, seed=args.seed,
+        options=_lens_options(args), batch_size=args.batch_size, chunk_size=args.chunk_size,
+        device=args.device, resume=args.resume, progress=not args.no_progress,
+        on_error="skip" if args.skip_bad_rows else "raise",
+    )
     print(json.dumps({"out": args.out, **summary["results"]}, ensure_ascii=False))
     return 0
 
@@ -139,5 +125,5 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--answer", choices=("first-token", "full"), default=None,
                    help="dla: first-token logit difference (default) or full-answer log-prob difference")
     g.add_argument("--position", type=int, default=None, help="dla: prompt position (default -1)")
-    ap.set_defaults(func=_cmd)
+    ap.set_defaults(func=_cmd, option_flags=OPTION_FLAGS)
     return ap

@@ -72,7 +72,7 @@ def score_chunk(lm, reference, pairs, opts: Options, batch_size: int) -> list[di
             ref_w = response_logprobs(reference, prompts, [p.chosen for p in pairs]).logp
             ref_l = response_logprobs(reference, prompts, [p.rejected for p in pairs]).logp
     d_w, d_l = predict_first_order(stats, opts.loss, lr=1.0, loss_kwargs=dict(opts.loss_kwargs),
-                                   u_ref_w=ref_w, u_ref_l=ref_l)
+                                   ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
     cases = entanglement_case(d_w, d_l)
     keys = ("inner", "norm_w_sq", "norm_l_sq", "cos", "r_w", "r_l", "u_w", "u_l")
     rows = []

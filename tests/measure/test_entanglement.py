@@ -23,7 +23,7 @@ def test_equals_library(tmp_path, toy_pairs, tiny, method):
         got = torch.tensor([r[key] for r in rows], dtype=torch.float64)
         assert torch.allclose(got, getattr(ref, key), rtol=1e-4, atol=1e-6), key
     d_w, d_l = predict_first_order(ref, "dpo", lr=1.0, loss_kwargs={"beta": 0.1},
-                                   u_ref_w=ref.u_w, u_ref_l=ref.u_l)
+                                   ref_chosen_logps=ref.u_w, ref_rejected_logps=ref.u_l)
     assert [r["case"] for r in rows] == entanglement_case(d_w, d_l)
     assert sum(s["results"]["predicted_cases"].values()) == len(pairs)
     assert s["results"]["method"] == method and (tmp_path / "entanglement.png").is_file()
