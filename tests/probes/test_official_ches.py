@@ -111,3 +111,5 @@ def test_single_token_response_ches_is_zero_only_without_eos(tiny):
     hp = response_hidden_states(tiny, [pair[0].prompt], [pair[0].chosen], add_eos=False)
     hn = response_hidden_states(tiny, [pair[0].prompt], [pair[0].rejected], add_eos=False)
     assert float(ches_scores(hp, hn)) == 0.0
+    doc = " ".join(ches_scores.__doc__.split())
+    assert "one-token response with EOS appended has two rows" in doc
