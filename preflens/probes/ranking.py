@@ -2,7 +2,10 @@
 
 Source: Chen et al. 2024, "Preference Learning Algorithms Do Not Learn Preference Rankings"
 (NeurIPS 2024, arXiv 2405.19534). The official code's departures from Eq. 3 (tie band, a1 = 0,
-dropped rows, log-likelihood ratio bug) are flags in :mod:`preflens.probes.official`.
+dropped rows, log-likelihood ratio bug) are flags in :mod:`preflens.probes.official`. Theorem 4.1
+(flip condition, DPO^γ/IPO pair losses, flip buckets) lives in :mod:`preflens.probes.flip` and the
+calibration metrics / rank correlations in :mod:`preflens.probes.calibration`; both are
+re-exported here.
 
 Conventions (all functions):
 * Scores are log-probs of the *response tokens only*: pass summed log-probs s(y) for R and
@@ -18,7 +21,6 @@ Conventions (all functions):
 
 from __future__ import annotations
 
-import math
 import numbers
 import statistics
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
+from preflens.probes._numbers import _f64, _positive, _same_shape
 from preflens.probes.calibration import (  # re-exported: calibration belongs to Chen et al. too
     CalibrationMetrics, RankCorrelations, calibration_metrics, expected_calibration_error,
     kendall_tau_b, ranking_correlations, spearman_rho)
@@ -51,41 +54,6 @@ EPS_MODES = ("loser_share_eps", "one_minus_eps")
 
 
 # --------------------------------------------------------------------------- helpers
-def _f64(x, field: str) -> Tensor:
-    """Any number / sequence / tensor -> float64 tensor (detached); NaN is a DataError."""
-    try:
-        t = x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot read as numbers: {e}", field=field) from None
-    if torch.isnan(t).any():
-        raise DataError("contains NaN", field=field)
-    return t
-
-
-def _is_scalar(*xs) -> bool:
-    return all(isinstance(x, numbers.Real) and not isinstance(x, Tensor) for x in xs)
-
-
-def _out(t: Tensor, scalar: bool):
-    return float(t) if scalar else t
-
-
-def _softplus(z: Tensor) -> Tensor:
-    """log(1 + e^z), stable for any finite z (no threshold approximation)."""
-    return torch.clamp(z, min=0) + torch.log1p(torch.exp(-z.abs()))
-
-
-def _positive(value, option: str) -> None:
-    v = _f64(value, option)
-    if not (torch.isfinite(v).all() and (v > 0).all()):
-        raise ConfigError(option, f"must be finite and > 0, got {value!r}")
-
-
-def _same_shape(a: Tensor, b: Tensor, fa: str, fb: str) -> None:
-    if a.shape != b.shape:
-        raise DataError(f"shape {tuple(a.shape)} of '{fa}' != shape {tuple(b.shape)} of '{fb}'", field=fb)
-
-
 def _nonempty_mean(flags: Tensor, what: str) -> float:
     if flags.numel() == 0:
         raise DataError(f"no {what} to average over")
@@ -329,170 +297,6 @@ def idealized_ranking_accuracy(delta_ref, alpha, betas: Sequence[float] = PAPER_
             "max": max(vals), "n_pairs": int(keep.sum()), "n_ties": int(ties.sum())}
 
 
-# --------------------------------------------------------------------------- DPO / IPO theory
-def dpo_loss_value(m, c, beta, gamma=1.0):
-    """DPO^gamma loss of one pair (Def. 2.2; Eq. 4): softplus(-beta * (m + gamma * c)).
-
-    gamma = 1 is DPO (beta * (m + c) = implicit reward margin); gamma = 0 drops pi_ref.
-    Scalars -> float; tensors broadcast -> float64 tensor.
-    """
-    _positive(beta, "beta")
-    mm, cc, b, g = (_f64(x, f) for x, f in ((m, "m"), (c, "c"), (beta, "beta"), (gamma, "gamma")))
-    return _out(_softplus(-(b * (mm + g * cc))), _is_scalar(m, c, beta, gamma))
-
-
-def flip_loss_threshold(c, beta, gamma=1.0):
-    """Loss level at which a pair flips to correct (Theorem 4.1): softplus(-beta*gamma*c).
-
-    R = 1 (m >= 0) <=> L_DPO^gamma <= softplus(-beta * gamma * c) = -log sigma(beta*gamma*c),
-    because the loss is strictly decreasing in m and equals the threshold exactly at m = 0
-    (evaluated with the same float operations as :func:`dpo_loss_value` at m = 0). For large
-    beta*c the threshold ~ exp(-beta*c) (0.0 once it underflows float64); gamma = 0 gives log 2.
-    """
-    return dpo_loss_value(0.0 if _is_scalar(c) else torch.zeros(()), c, beta, gamma)
-
-
-def required_loss_decrease(c, beta, gamma=1.0):
-    """log 2 - :func:`flip_loss_threshold` (Sec. 4.1), signed, not clamped.
-
-    log 2 is the loss at initialisation (pi_theta = pi_ref) for DPO (gamma = 1). Positive iff
-    gamma*c > 0 (the reference mis-ranks the pair); negative values mean the threshold lies
-    above log 2, i.e. the pair starts out correct and may even *gain* loss while staying correct.
-    """
-    t = flip_loss_threshold(c, beta, gamma)
-    return math.log(2.0) - t
-
-
-def _log_expm1(x: Tensor) -> Tensor:
-    """log(e^x - 1) for x >= 0 without overflow (x > 1: x + log1p(-e^-x)); log(0) = -inf at x = 0."""
-    big = x > 1.0
-    return torch.where(big, x + torch.log1p(-torch.exp(-torch.where(big, x, torch.ones_like(x)))),
-                       torch.log(torch.expm1(torch.where(big, torch.zeros_like(x), x))))
-
-
-def dpo_margin_bounds(loss, c, beta, gamma=1.0, *, rtol: float | None = None) -> tuple[Tensor, Tensor]:
-    """Interval [m_lo, m_hi] for the model log-ratio m that a float DPO^gamma loss value allows.
-
-    Inverts Eq. 4, L = softplus(-z) with z = beta*(m + gamma*c): z = -log(e^L - 1), so
-    m = z/beta - gamma*c, computed in log space. The loss is trusted only to a relative ``rtol``
-    (default 4 ulp of the loss's dtype: float32 tensors 4*2^-23, everything else 4*2^-52) plus
-    the smallest subnormal of that dtype (a loss of 0.0 means "below half the smallest
-    subnormal", i.e. z >= ~744.4 in float64: an unbounded interval). Rounding of the last two
-    operations is added to the interval. Returns two float64 tensors broadcast over the inputs.
-    """
-    _positive(beta, "beta")
-    dt = loss.dtype if isinstance(loss, Tensor) and loss.dtype in (torch.float32, torch.float16,
-                                                                     torch.bfloat16) else torch.float64
-    eps = torch.finfo(dt).eps
-    rtol = 4 * eps if rtol is None else float(rtol)
-    if not (0 <= rtol < 1):
-        raise ConfigError("rtol", f"must be in [0, 1), got {rtol!r}")
-    lv = _f64(loss, "loss")
-    if (lv < 0).any():
-        raise DataError("a DPO loss is >= 0; got a negative value", field="loss")
-    sub = float(torch.finfo(dt).smallest_normal) * float(torch.finfo(dt).eps)  # smallest subnormal
-    l_lo, l_hi = lv * (1.0 - rtol), lv * (1.0 + rtol) + sub
-    b = _f64(beta, "beta")
-    gc = _f64(gamma, "gamma") * _f64(c, "c")
-    z_lo, z_hi = -_log_expm1(l_hi) / b, -_log_expm1(l_lo) / b       # loss decreasing in z
-    e64 = torch.finfo(torch.float64).eps
-    m_lo = z_lo - gc
-    m_hi = z_hi - gc
-    slack = 4 * e64 * (z_lo.abs() + gc.abs())
-    m_lo = m_lo - slack
-    m_hi = torch.where(torch.isinf(z_hi), z_hi, m_hi + 4 * e64 * (z_hi.abs() + gc.abs()))
-    return m_lo, m_hi
-
-
-UNDETERMINED = ("raise", "tie")
-
-
-def correct_from_dpo_loss(loss, c, beta, gamma=1.0, *, strict: bool = False,
-                          undetermined: str = "raise", rtol: float | None = None) -> Tensor:
-    """Ranking correctness read off the DPO^gamma loss via Theorem 4.1 (Chen et al. 2024).
-
-    Theorem 4.1: R = 1 (m >= 0) <=> L <= softplus(-beta*gamma*c). A float loss cannot decide this
-    when m is within the loss's rounding of 0, and when z = beta*(m + gamma*c) is so large
-    (>~ 708, float64) that loss and threshold are both subnormal or 0 (e.g. m = -1, c = 100,
-    beta = 10: loss e^-990 = 0.0 and threshold 0.0). So the comparison is made in margin space:
-    :func:`dpo_margin_bounds` gives the interval of m the loss allows (relative ``rtol``);
-    the pair is correct if the whole interval is > 0, incorrect if it is < 0, else
-    *undetermined*: ``undetermined="raise"`` (default) raises DataError naming the pairs;
-    ``"tie"`` counts them as m = 0, i.e. correct unless ``strict`` (R uses >=, strict uses >).
-    Pass the margin itself to :func:`ranking_correct` when you have it: that is exact.
-    Returns a BoolTensor broadcast over the inputs.
-    """
-    if undetermined not in UNDETERMINED:
-        raise ConfigError("undetermined", f"unknown value {undetermined!r}", allowed=UNDETERMINED)
-    m_lo, m_hi = dpo_margin_bounds(loss, c, beta, gamma, rtol=rtol)
-    right, wrong = m_lo > 0, m_hi < 0
-    open_ = ~(right | wrong)
-    if undetermined == "raise" and bool(open_.any()):
-        idx = torch.nonzero(open_.reshape(-1)).reshape(-1)[:5].tolist()
-        raise DataError(f"{int(open_.sum())} pair(s) (first indices {idx}) have a loss too close to "
-                        "the Theorem 4.1 threshold, or too small (underflowed), to decide the sign of m; "
-                        "pass undetermined='tie' to count them as m = 0, or use the margins",
-                        field="loss")
-    return right | (open_ & (not strict))
-
-
-def ipo_loss_value(m, c, tau):
-    """IPO loss of one pair (Remark 4.2, Prop. A.7): (m + c - 1/(2 tau))^2."""
-    _positive(tau, "tau")
-    mm, cc, t = _f64(m, "m"), _f64(c, "c"), _f64(tau, "tau")
-    return _out((mm + cc - 1.0 / (2.0 * t)) ** 2, _is_scalar(m, c, tau))
-
-
-def ipo_loss_bound(c, tau):
-    """(d + 1/(2 tau))^2 with d = Delta_ref = -c: the IPO loss bound of Prop. A.7."""
-    _positive(tau, "tau")
-    cc, t = _f64(c, "c"), _f64(tau, "tau")
-    return _out((-cc + 1.0 / (2.0 * t)) ** 2, _is_scalar(c, tau))
-
-
-def ipo_guarantees_correct(c, tau, loss=None) -> Tensor:
-    """Sufficient condition for R = 1 under IPO (Remark 4.2, Prop. A.7), with d = -c.
-
-    * ``loss=None``: 1[d >= -1/(2 tau)], i.e. the zero-loss IPO optimum m = d + 1/(2 tau) ranks
-      the pair correctly (m >= 0); if d < -1/(2 tau) the optimum has m < 0 (R = 0).
-    * with ``loss``: 1[d >= -1/(2 tau) and loss <= (d + 1/(2 tau))^2], which implies m >= 0.
-      Sufficient, not necessary: correct pairs can have larger loss.
-    Returns a BoolTensor broadcast over the inputs.
-    """
-    _positive(tau, "tau")
-    cc, t = _f64(c, "c"), _f64(tau, "tau")
-    ok = -cc >= -1.0 / (2.0 * t)
-    if loss is None:
-        return ok
-    return ok & (_f64(loss, "loss") <= _f64(ipo_loss_bound(c, tau), "bound"))
-
-
-# --------------------------------------------------------------------------- dynamics buckets
-def flip_buckets(correct_ref, correct_now) -> dict:
-    """Flip buckets between pi_ref and a checkpoint (Sec. 4.1 / Fig. 2 of Chen et al. 2024).
-
-    Inputs: ``BoolTensor[n]`` of R per pair under pi_ref and under pi_theta_t (same pairs).
-    Returns ``{"n", "counts": {"c->c","c->i","i->c","i->i"}, "fractions": {... of n},
-    "fraction_flipped_to_correct" (i->c / n), "fraction_flipped_to_correct_of_incorrect"
-    (i->c / #incorrect at start; NaN if none), "fraction_flipped_to_incorrect" (c->i / n),
-    "fraction_incorrect_at_start"}``.
-    """
-    r0 = torch.as_tensor(correct_ref).to(torch.bool).reshape(-1)
-    r1 = torch.as_tensor(correct_now).to(torch.bool).reshape(-1)
-    _same_shape(r0, r1, "correct_ref", "correct_now")
-    n = r0.numel()
-    if n == 0:
-        raise DataError("no pairs", field="correct_ref")
-    counts = {"c->c": int((r0 & r1).sum()), "c->i": int((r0 & ~r1).sum()),
-              "i->c": int((~r0 & r1).sum()), "i->i": int((~r0 & ~r1).sum())}
-    n_inc = counts["i->c"] + counts["i->i"]
-    return {"n": n, "counts": counts, "fractions": {k: v / n for k, v in counts.items()},
-            "fraction_flipped_to_correct": counts["i->c"] / n,
-            "fraction_flipped_to_correct_of_incorrect": counts["i->c"] / n_inc if n_inc else math.nan,
-            "fraction_flipped_to_incorrect": counts["c->i"] / n,
-            "fraction_incorrect_at_start": n_inc / n}
-
-
 # --------------------------------------------------------------------------- ties (Def. C.1)
 def tie_aware_correct(logp_1, logp_2, alpha, *, tol: float = 0.01, space: str = "prob",
                       tie_inclusive: bool = False) -> Tensor:
@@ -521,3 +325,11 @@ def tie_aware_correct(logp_1, logp_2, alpha, *, tol: float = 0.01, space: str = 
     tied = gap <= tol if tie_inclusive else gap < tol
     decided = torch.where(a > TIE_ALPHA, s1 > s2, s1 < s2)
     return torch.where(tie_mask(a).expand_as(decided), tied, decided)
+
+
+# Theorem 4.1 / Prop. A.7 (flip condition, DPO^γ and IPO losses, flip buckets) live in
+# preflens.probes.flip; re-exported here so `from preflens.probes.ranking import ...` keeps working.
+from preflens.probes.flip import (  # noqa: E402
+    UNDETERMINED, correct_from_dpo_loss, dpo_loss_value, dpo_margin_bounds, flip_buckets,
+    flip_loss_threshold, ipo_guarantees_correct, ipo_loss_bound, ipo_loss_value,
+    required_loss_decrease)
