@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,15 @@ __all__ = [
     "response_logprobs",
     "response_hidden_states",
     "length_buckets",
+    "EncodedPairs",
+    "ChosenRejectedLogps",
+    "SequenceLogps",
+    "encode_pairs",
+    "concatenated_logps",
+    "autocast_for",
+    "tf32_for",
+    "precision_context",
+    "eval_mode",
 ]
 
 IGNORE = -100
@@ -617,3 +627,194 @@ def response_hidden_states(
             p, r = len(encoded[i].prompt_ids), len(encoded[i].response_ids)
             out[i] = hidden[row, p - 1 : p + r - 1].clone()
     return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- preference pairs
+# One pair-scoring API: pairs are encoded once (:func:`encode_pairs`); a batch of pairs is ONE
+# right-padded forward holding its chosen rows, then its rejected rows (:meth:`EncodedPairs.batch`);
+# :func:`concatenated_logps` splits the summed log-probs back into chosen and rejected. The
+# training loop, the reference cache and the measurements all score pairs this way.
+
+
+@dataclass(frozen=True, repr=False)
+class EncodedPairs:
+    """Token ids of n preference pairs: ``chosen[i]`` and ``rejected[i]`` share pair i's prompt."""
+
+    chosen: tuple[Encoded, ...]
+    rejected: tuple[Encoded, ...]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __repr__(self) -> str:
+        return f"EncodedPairs(n={len(self)}, longest={max(self.lengths, default=0)} tokens)"
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per pair, the longer of its two sequences (prompt + response), in tokens."""
+        return [max(len(a), len(b)) for a, b in zip(self.chosen, self.rejected)]
+
+    def batch(self, indices: Sequence[int], *, pad_id: int, device: torch.device | str | None = None) -> Batch:
+        """One right-padded :class:`Batch`: the chosen rows of ``indices``, then their rejected rows."""
+        return collate([self.chosen[i] for i in indices] + [self.rejected[i] for i in indices],
+                       pad_id=pad_id, device=device)
+
+
+def _encode_side(lm, pairs, side: str, add_eos: bool, split: str) -> list[Encoded]:
+    """Encode one side; a record that cannot be scored raises DataError naming it (its
+    file:line when the pair carries one, else its index in ``split``)."""
+    sources = [getattr(p, "source", None) for p in pairs]
+    try:
+        return encode(lm.tokenizer, [p.prompt for p in pairs], [getattr(p, side) for p in pairs],
+                      max_length=lm.n_ctx, add_eos=add_eos, sources=sources, response_field=side)
+    except (ScoringError, DataError) as batch_exc:
+        for i, p in enumerate(pairs):  # find the offending record (only on the error path)
+            field = side
+            try:
+                (e,) = encode(lm.tokenizer, [p.prompt], [getattr(p, side)], add_eos=add_eos,
+                              response_field=side)
+                reason = None if len(e) <= lm.n_ctx else (
+                    f"prompt ({len(e.prompt_ids)}) + {side} ({len(e.response_ids)}) tokens exceed the "
+                    f"context of model '{lm.name}' ({lm.n_ctx})")
+            except ScoringError as exc:
+                reason = str(exc).removeprefix("example 0: ")
+            except DataError as exc:
+                reason, field = exc.reason, exc.field or side
+            if reason is not None:
+                raise _pair_error(reason, p, i, field, split) from None
+        raise batch_exc
+
+
+def _pair_error(reason: str, pair, index: int, side: str, split: str) -> DataError:
+    source = getattr(pair, "source", None)
+    if source is not None:
+        err = DataError(reason, file=source[0], line=source[1], field=side)
+    else:
+        name = f"{split} pair {index}" + (f" (id {pair.id!r})" if getattr(pair, "id", None) is not None else "")
+        err = DataError(f"{reason} [{name}]", field=side)
+    err.pair_index, err.split = index, split
+    return err
+
+
+def encode_pairs(lm, pairs: Sequence, *, add_eos: bool = True, split: str = "train") -> EncodedPairs:
+    """Encode ``pairs`` (objects with ``prompt``/``chosen``/``rejected``) once, module conventions.
+
+    Raises:
+        DataError: a pair that cannot be scored (longer than ``lm.n_ctx``, empty response
+            without EOS, ...), ``field`` = its side; ``pair_index`` and ``split`` attributes
+            name it, and ``file``/``line`` when the pair was read from a file.
+    """
+    pairs = list(pairs)
+    return EncodedPairs(*(tuple(_encode_side(lm, pairs, side, add_eos, split)) for side in ("chosen", "rejected")))
+
+
+@dataclass(frozen=True, repr=False)
+class ChosenRejectedLogps:
+    """Summed response log-probs of n pairs (EOS counted), float64 ``[n]`` each.
+
+    ``chosen``/``rejected`` = Σ_t log π(y_t | x, y_<t) (TRL's ``chosen_logps``); ``*_tokens`` =
+    response lengths incl. EOS; :attr:`chosen_mean` = chosen / chosen_tokens (SimPO's ū).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @property
+    def chosen_mean(self) -> torch.Tensor:
+        return self.chosen / self.chosen_tokens
+
+    @property
+    def rejected_mean(self) -> torch.Tensor:
+        return self.rejected / self.rejected_tokens
+
+    def __repr__(self) -> str:
+        return (f"ChosenRejectedLogps(n={self.chosen.shape[0]}, mean chosen={float(self.chosen.mean()):.4g}, "
+                f"mean rejected={float(self.rejected.mean()):.4g})")
+
+
+class SequenceLogps(torch.nn.Module):
+    """``model`` as a module mapping a :class:`Batch` to summed log-probs ``[B]`` float64.
+
+    A module, so that a data-parallel wrapper (DDP, FSDP) sees the forward it must hook.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return token_logprobs(self.model, batch).double().sum(1)
+
+
+def concatenated_logps(model, batch: Batch) -> ChosenRejectedLogps:
+    """Chosen and rejected summed log-probs of a pair batch (:meth:`EncodedPairs.batch`), ONE forward.
+
+    ``model``: an HF causal LM, or a :class:`SequenceLogps` (possibly wrapped for data
+    parallelism). Differentiable; the per-token log-probs are fp32 (fp64 for an fp64 model)
+    summed in float64 (module conventions).
+    """
+    if hasattr(model, "get_output_embeddings"):
+        u = token_logprobs(model, batch).double().sum(1)
+    else:
+        u = model(batch)
+    k = u.shape[0] // 2
+    lens = batch.response_lens.to(device=u.device, dtype=torch.float64)
+    return ChosenRejectedLogps(u[:k], u[k:], lens[:k], lens[k:])
+
+
+# ----------------------------------------------------------------------------- precision, eval mode
+def autocast_for(device: torch.device, precision: str):
+    """The forward-pass autocast context: bf16 autocast for ``precision="bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@contextmanager
+def tf32_for(device: torch.device, precision: str):
+    """With ``precision="bf16"`` on CUDA, let the matmuls that stay fp32 use TF32 (restored after).
+
+    Under autocast the transformer runs in bf16, but :func:`target_logprobs` forms the
+    unembedding logits in fp32 on purpose; TF32 (10-bit mantissa inputs, fp32 accumulation and
+    output) is ~7× faster there on Hopper and still finer than the bf16 head TRL uses under
+    autocast. ``precision="fp32"`` keeps exact fp32 (no-op).
+    """
+    if precision != "bf16" or torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        old, new_api = matmul.fp32_precision, True
+        matmul.fp32_precision = "tf32"
+    except (AttributeError, RuntimeError):
+        old, new_api = matmul.allow_tf32, False
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = old
+        else:
+            matmul.allow_tf32 = old
+
+
+@contextmanager
+def precision_context(device: torch.device, precision: str):
+    """:func:`tf32_for` and :func:`autocast_for` together (scoring a whole pass at ``precision``)."""
+    with ExitStack() as stack:
+        stack.enter_context(tf32_for(device, precision))
+        stack.enter_context(autocast_for(device, precision))
+        yield
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode (dropout off) inside; its previous train/eval mode restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

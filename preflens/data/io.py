@@ -28,9 +28,17 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "write_json",
+    "default_file_mode",
 ]
 
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0o666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -46,6 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; keep the user's umask like open() does
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -7,6 +7,7 @@ A checkpoint is a directory ``<root>/step-00000012/`` holding
 * ``rng.safetensors``       torch CPU / CUDA generator states and numpy's key array;
 * ``state.json``            step, data cursor, run config, optimizer param groups and non-tensor
                             state, Python ``random`` state, numpy's scalars;
+* ``extra.safetensors``     optional: tensors of callers' extra state (e.g. callbacks' RNGs);
 * ``manifest.json``         sha256 and size of each file above, written last.
 
 Writing: files go to a temporary sibling directory, each is fsync'ed, the manifest is written,
@@ -37,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from preflens.data.io import atomic_write_text
+from preflens.data.io import atomic_write_text, default_file_mode
 from preflens.errors import TrainingError
 
 __all__ = [
@@ -50,12 +51,14 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "truncate_metrics",
+    "load_extra_tensors",
 ]
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+_EXTRA = "extra.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -169,11 +172,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     meta: dict[str, Any],
     keep: int = 2,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root``; keep the newest ``keep``; return its path.
 
     ``meta`` (JSON-serializable: data cursor, config, ...) is stored in ``state.json`` together
-    with the step, the optimizer's non-tensor state and the RNG states (captured here).
+    with the step, the optimizer's non-tensor state and the RNG states (captured here);
+    ``extra_tensors`` (read back by :func:`load_extra_tensors`) in ``extra.safetensors``.
 
     Raises:
         TrainingError: naming the checkpoint when a write or fsync fails (disk full, I/O
@@ -195,13 +200,20 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
-        for name in _FILES:
+        files = _FILES
+        if extra_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / _EXTRA))
+            files = (*_FILES, _EXTRA)
+        mode = default_file_mode()  # safetensors writes 0600; keep the user's umask
+        for name in files:
+            os.chmod(tmp / name, mode)
             _fsync(tmp / name)
         manifest = {
             "step": step,
-            "files": {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in _FILES},
+            "files": {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size} for n in files},
         }
         with open(tmp / "manifest.json", "w") as fh:
+            os.fchmod(fh.fileno(), mode)
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
@@ -233,7 +245,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"checkpoint {path} is corrupt: unreadable manifest.json ({exc})") from exc
-    for name in _FILES:
+    if not isinstance(files, dict):
+        raise TrainingError(f"checkpoint {path} is corrupt: unreadable manifest.json (no file table)")
+    for name in (*_FILES, *([_EXTRA] if _EXTRA in files else [])):
         f = path / name
         want = files.get(name)
         if want is None or not f.is_file():
@@ -287,6 +301,15 @@ def load_checkpoint(
     except Exception as exc:  # noqa: BLE001 - any decode failure means a bad checkpoint
         raise TrainingError(f"checkpoint {path} could not be loaded: {exc}") from exc
     return state
+
+
+def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` saved with checkpoint ``path`` ({} when it has none; verify first)."""
+    f = Path(path) / _EXTRA
+    try:
+        return load_file(str(f)) if f.is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - any decode failure means a bad checkpoint
+        raise TrainingError(f"checkpoint {path} could not be loaded: {exc}") from exc
 
 
 def load_latest(

@@ -1,108 +1,84 @@
 """A minimal preference-optimization loop (DPO and the losses of :mod:`preflens.dynamics.losses`).
 
-Read top to bottom, nanoGPT style. One optimizer step:
+Read top to bottom, nanoGPT style: :func:`train_preference` sets up (config, devices, data,
+run directory, reference log-probs, optimizer, resume) and :func:`_loop` runs it. One update:
 
 1. take the next length-bucketed global batch of ``batch_size`` pairs (an epoch's order is a pure
    function of ``(seed, epoch)``, so the data cursor is just ``(epoch, position)``);
 2. split it over ``grad_accum`` micro-steps × ``world_size`` ranks (interleaved, so shards have
-   similar lengths); a micro-batch stacks its chosen rows, then its rejected rows, into ONE
-   right-padded forward (:func:`preflens.scoring.collate`);
-3. u = Σ fp32 token log-probs of :func:`preflens.scoring.token_logprobs` (EOS counted; the
-   function the probes use, so loop and probes agree), summed in float64;
+   similar lengths); a micro-batch is ONE right-padded forward of its chosen rows, then its
+   rejected rows (:func:`preflens.scoring.concatenated_logps`);
+3. u = Σ fp32 token log-probs (EOS counted; the function the probes use), summed in float64;
 4. per-pair loss from the registry against cached reference log-probs; backward of
    Σ loss / batch_size (× world size: DDP averages gradients);
 5. gradient norm (clipped if asked), every metric reduced in ONE tensor (one host sync per step);
    a non-finite loss or gradient raises :class:`TrainingError` before any update, so the last
-   checkpoint stays good; then ``optimizer.step()``.
+   checkpoint stays good; then ``optimizer.step()``; then callbacks, metrics line, checkpoint.
 
 Conventions: dropout is off (the policy runs in eval mode, as TRL's ``disable_dropout=True``);
 ``bf16`` = autocast for the forward, fp32 master weights, fp32 log-probs; the reference defaults
-to the initial policy, scored once before training (:mod:`.refcache`). Metrics (TRL names,
-ecosystem spec §2.1): ``rewards/*`` = β·(u − u_ref) on summed log-probs, β = the loss's ``beta``
-if it has one, else 1.0 (reference-free losses: β·u); ``rewards/accuracies`` = mean 1[r_w > r_l]
-(strict, as TRL); ``ranking_accuracy`` = mean 1[u_w ≥ u_l] on raw summed log-probs (Chen et al.
-2024, Def. 2.3); ``logps/*`` batch means of summed log-probs, ``logps_mean/*`` of u/len;
-``tokens_per_s`` counts prompt + response tokens of both responses. Step t = after t updates.
+to the initial policy, scored once before training in the batches of the first epoch
+(:mod:`.refcache`), so at step 0 policy and reference agree bit for bit. The learning rate
+follows transformers' schedules (:func:`preflens.dynamics.config.lr_at`: the first warm-up
+update has lr 0, as in TRL). Step t = after t updates.
+
+Metrics (TRL names where the meaning is TRL's): ``rewards/chosen``/``rejected`` = β·(u − u_ref)
+on summed log-probs, β = the loss's ``beta`` (1 if it has none); reference-free losses log β·u
+as TRL's CPOTrainer does, on the log-probs TRL's trainer for that loss uses: mean log-probs for
+``simpo`` (TRL ``CPOTrainer(loss_type="simpo")``) and ``orpo`` (TRL ``ORPOTrainer``, whose β is
+our λ), summed for the others; ``logps/*`` are the batch means of those same log-probs (so mean
+log-probs for simpo and orpo), ``logps_mean/*`` always of u/len; ``rewards/accuracies`` = mean
+1[r_w > r_l] (strict, as TRL: exactly 0 at step 1 when policy = reference);
+``ranking_accuracy`` = mean 1[u_w ≥ u_l] on summed log-probs (Chen et al. 2024, Def. 2.3);
+``tokens_per_s`` counts prompt + response tokens of both responses; ``grad_norm`` before clipping.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from preflens.data import PreferencePair
-from preflens.data.io import atomic_write_text
 from preflens.dynamics import losses
-from preflens.dynamics.checkpoint import list_checkpoints, load_latest, save_checkpoint, truncate_metrics
-from preflens.dynamics.refcache import (autocast_for, data_digest, pair_logprobs, reference_logprobs,
-                                        tf32_for)
-from preflens.errors import ConfigError, DataError, ScoringError, TrainingError
-from preflens.scoring import Batch, collate, encode, length_buckets, token_logprobs
+from preflens.dynamics.callbacks import Callback, CallbackList, TrainState
+from preflens.dynamics.checkpoint import (list_checkpoints, load_extra_tensors, load_latest, save_checkpoint,
+                                          truncate_metrics)
+from preflens.dynamics.config import OPTIMIZERS, TrainConfig, lr_at
+from preflens.dynamics.distributed import DistEnv, all_reduce_sum, barrier, distributed, no_sync, wrap_model
+from preflens.dynamics.entanglement import pair_gradient_norms
+from preflens.dynamics.refcache import data_digest, pair_logprobs, reference_logprobs
+from preflens.dynamics.rundir import RunDir
+from preflens.errors import ConfigError, TrainingError
+from preflens.scoring import (ChosenRejectedLogps, EncodedPairs, SequenceLogps, autocast_for, concatenated_logps,
+                              encode_pairs, length_buckets, tf32_for)
 
-__all__ = ["train_preference", "RunResult", "TrainState", "epoch_batches"]
+__all__ = ["train_preference", "RunResult", "TrainState", "TrainConfig", "Callback", "epoch_batches",
+           "reference_batches"]
 
 log = logging.getLogger(__name__)
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-PRECISIONS, SCHEDULES = ("fp32", "bf16"), ("constant", "linear", "cosine")
 WINDOW = 32  # bucketing window, in batches: pairs are sorted by length inside a shuffled window
+EVAL_BATCH = 16
+TRL_MEAN_LOGPS = ("simpo", "orpo")  # losses whose TRL trainer logs mean log-probs
 
 
 @dataclass
 class RunResult:
-    """Last step's metrics, the metrics JSONL, the last checkpoint, steps done, full history."""
+    """Last step's metrics, the metrics JSONL (None without ``out_dir``), the last checkpoint,
+    steps done, full history (earlier runs' steps included after a resume)."""
 
     final_metrics: dict
-    metrics_path: Path
+    metrics_path: Path | None
     checkpoint_path: Path | None
     steps: int
     history: list[dict]
-
-
-@dataclass
-class TrainState:
-    """What callbacks see: ``on_step(state)`` after each update, ``on_end(state)`` at the end.
-
-    ``policy`` = ``lm.model`` (the HF module being trained); ``ref_logps`` = ``(u_ref_w, u_ref_l)``
-    float64 [n] over the training set (``None`` for reference-free losses); ``batch`` the step's
-    global batch of pairs (``batch_indices`` their indices); keys added to ``metrics`` are logged.
-    """
-
-    step: int
-    lm: Any
-    policy: torch.nn.Module
-    ref_logps: tuple[torch.Tensor, torch.Tensor] | None
-    batch: list
-    batch_indices: list
-    metrics: dict
-    out_dir: Path
-    total_steps: int
-    optimizer: torch.optim.Optimizer
-    rank: int = 0
-    world_size: int = 1
-
-
-class _SummedLogprobs(torch.nn.Module):
-    """u [B] float64 = Σ_j token_logprobs; a module so that DDP sees the forward."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(self.model, Batch(*tensors)).double().sum(1)
 
 
 def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, min_size: int = 1) -> list[list[int]]:
@@ -121,359 +97,341 @@ def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, min_size: int
     return [out[k] for k in torch.randperm(len(out), generator=g).tolist()]
 
 
-def _stats(per_pair, u_w, u_l, ref_w, ref_l, len_w, len_l, beta, n_tokens) -> torch.Tensor:
-    """[11] float64 sums over pairs; :func:`_metrics` turns the reduced sums into means."""
-    r_w = beta * (u_w - ref_w) if ref_w is not None else beta * u_w
-    r_l = beta * (u_l - ref_l) if ref_l is not None else beta * u_l
-    rows = [per_pair.sum(), r_w.sum(), r_l.sum(), (r_w > r_l).sum(), u_w.sum(), u_l.sum(),
-            (u_w / len_w).sum(), (u_l / len_l).sum(), (u_w >= u_l).sum(), u_w.new_tensor(len(u_w)), n_tokens]
-    return torch.stack([r.double() for r in rows])
+def shard(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+    """The micro-batches of ``rank``: micro-step m takes ``batch[m·world + rank :: grad_accum·world]``."""
+    return [batch[m * world_size + rank :: grad_accum * world_size] for m in range(grad_accum)]
 
 
-def _metrics(s: list[float], prefix: str = "") -> dict[str, float]:
-    n = max(s[9], 1.0)
-    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "logps_mean/chosen", "logps_mean/rejected", "ranking_accuracy")
-    m = {k: v / n for k, v in zip(names, s)}
-    m = {**dict(list(m.items())[:3]), "rewards/margins": (s[1] - s[2]) / n, **dict(list(m.items())[3:])}
-    return {prefix + k: v for k, v in m.items()}
+def reference_batches(lengths, config: TrainConfig, world_size: int = 1) -> list[list[int]]:
+    """Every micro-batch of epoch 0 (all ranks), then any pair epoch 0 leaves out in batches of the
+    micro-batch size: the forward shapes in which the loop first scores each pair."""
+    parts = config.grad_accum * world_size
+    out = [mb for b in epoch_batches(lengths, config.batch_size, config.seed, 0, parts)
+           for r in range(world_size) for mb in shard(b, r, world_size, config.grad_accum)]
+    seen = {i for mb in out for i in mb}
+    rest, size = [i for i in range(len(lengths)) if i not in seen], config.batch_size // parts
+    return out + [rest[s : s + size] for s in range(0, len(rest), size)]
 
 
-def _encode_side(lm, ps, side: str, split: str, add_eos: bool) -> list:
-    """Encode one side of ``ps``; a record that cannot be scored raises DataError naming it.
-
-    The error carries ``pair_index`` and ``split`` ("train"/"eval") so that a caller who knows
-    the file (the CLI) can name its line.
-    """
-    try:
-        return encode(lm.tokenizer, [p.prompt for p in ps], [getattr(p, side) for p in ps],
-                      max_length=lm.n_ctx, add_eos=add_eos)
-    except ScoringError as batch_exc:
-        for i, p in enumerate(ps):  # find the offending record (only on the error path)
-            try:
-                (e,) = encode(lm.tokenizer, [p.prompt], [getattr(p, side)], add_eos=add_eos)
-                reason = None if len(e) <= lm.n_ctx else (
-                    f"prompt ({len(e.prompt_ids)}) + {side} ({len(e.response_ids)}) tokens exceed the "
-                    f"context of model '{lm.name}' ({lm.n_ctx})")
-            except ScoringError as exc:
-                reason = str(exc).removeprefix("example 0: ")
-            if reason is not None:
-                name = f"{split} pair {i}" + (f" (id {p.id!r})" if p.id is not None else "")
-                err = DataError(f"{reason} [{name}]", field=side)
-                err.pair_index, err.split = i, split
-                raise err from None
-        raise batch_exc
+def eval_batches(lengths, rank: int, world_size: int) -> list[list[int]]:
+    """Rank ``rank``'s evaluation batches: its strided share of the pairs, length-bucketed."""
+    mine = list(range(rank, len(lengths), world_size))
+    return [[mine[j] for j in b] for b in length_buckets([lengths[i] for i in mine], EVAL_BATCH)]
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove it writable (ConfigError naming it otherwise), before any work;
-    drop temporary files that a killed run's atomic writes left (``.*.tmp``, never read)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    except OSError as exc:
-        raise ConfigError("out_dir", f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class TrainData:
+    """The encoded data, its epoch order, and the run length."""
+
+    pairs: list
+    train: EncodedPairs
+    eval: EncodedPairs | None
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    alphas: dict = field(default_factory=dict)  # cdpo soft labels read from the data
+    _order: tuple = (-1, None)
+
+    def batch_at(self, step: int, config: TrainConfig, parts: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_batches(self.train.lengths, config.batch_size, config.seed, epoch, parts))
+        return self._order[1][pos]
+
+    def loss_kwargs(self, config: TrainConfig, split: str, idx) -> dict:
+        kw = config.resolved_loss_kwargs
+        return dict(kw, alpha=self.alphas[split][idx]) if self.alphas else kw
 
 
-def _validate(o: dict) -> None:
-    """ConfigError naming the first bad option of ``train_preference``'s arguments ``o``."""
-    def bad(name, reason, allowed=None):
-        raise ConfigError(name, reason, allowed=allowed)
-
-    for name in ("lr", "max_grad_norm"):
-        v = o[name]
-        if (v is not None or name == "lr") and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                                or not math.isfinite(v) or v <= 0):
-            bad(name, f"must be a finite number > 0, got {v!r}")
-    if (o["steps"] is None) == (o["epochs"] is None):
-        bad("steps", "give exactly one of steps and epochs")
-    for name, low in (("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("keep_checkpoints", 1),
-                      ("steps", 1), ("epochs", 1), ("eval_every", 1), ("checkpoint_every", 1),
-                      ("seed", -2**63)):
-        v = o[name]
-        if (v is not None or name in ("batch_size", "seed")) and (
-                not isinstance(v, int) or isinstance(v, bool) or v < low):
-            bad(name, f"must be an integer >= {low}, got {v!r}")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
-                          ("schedule", (None, *SCHEDULES))):
-        if o[name] not in allowed:
-            bad(name, f"unknown value {o[name]!r}", [a for a in allowed if a is not None])
-    if not o["pairs"]:
-        bad("pairs", "empty dataset")
-    if any(not isinstance(p, PreferencePair) for p in o["pairs"] + o["eval_pairs"]):
-        bad("pairs", "expected PreferencePair records (see preflens.data.read_pairs)")
-    if o["eval_every"] is not None and not o["eval_pairs"]:
-        bad("eval_every", "given without eval_pairs")
-    if any(not (hasattr(cb, "on_step") or hasattr(cb, "on_end")) for cb in o["callbacks"]):
-        bad("callbacks", "each callback needs on_step(state) and/or on_end(state)")
-    if o["precision"] == "bf16" and next(o["lm"].model.parameters()).dtype != torch.float32:
-        bad("precision", "bf16 autocast needs fp32 master weights; load the model in float32")
+def _check_inputs(lm, pairs: list, eval_pairs: list, cfg: TrainConfig) -> None:
+    """ConfigError naming the first bad argument of :func:`train_preference` beyond the config."""
+    if not pairs:
+        raise ConfigError("pairs", "empty dataset")
+    if any(not isinstance(p, PreferencePair) for p in pairs + eval_pairs):
+        raise ConfigError("pairs", "expected PreferencePair records (see preflens.data.read_pairs)")
+    if cfg.eval_every is not None and not eval_pairs:
+        raise ConfigError("eval_every", "given without eval_pairs")
+    if cfg.precision == "bf16" and next(lm.model.parameters()).dtype != torch.float32:
+        raise ConfigError("precision", "bf16 autocast needs fp32 master weights; load the model in float32")
 
 
-def train_preference(
-    lm, pairs, *, loss="dpo", loss_kwargs=None, ref=None, optimizer="adamw", lr, schedule=None,
-    warmup_steps=0, steps=None, epochs=None, batch_size, grad_accum=1, precision="fp32", compile=False,
-    seed, eval_pairs=None, eval_every=None, callbacks=(), out_dir, resume=True, checkpoint_every=None,
-    pairwise_normalized=False, device=None, max_grad_norm=None, optimizer_kwargs=None, ref_cache_dir=None,
-    keep_checkpoints=2, add_eos=True,
-) -> RunResult:
-    """Train ``lm.model`` in place on ``pairs`` (``PreferencePair`` s) with registered loss ``loss``.
-
-    Options beyond the module docstring: ``batch_size`` = pairs per update, global (over
-    ``grad_accum`` micro-steps and the ranks; must divide by their product); exactly one of
-    ``steps``/``epochs``; ``schedule`` None/"constant"/"linear"/"cosine" (to 0) after
-    ``warmup_steps`` of linear warm-up; ``optimizer`` "adamw" (weight decay 0 unless in
-    ``optimizer_kwargs``; fused on CUDA), "sgd", "rmsprop" (torch defaults); ``add_eos=False``
-    scores responses without the appended EOS (single-token experiments, Razin et al. §3); ``ref`` an LM or HF
-    module (default: the initial policy); ``max_grad_norm`` clips (default: no clipping);
-    ``checkpoint_every`` N steps plus the final step, newest ``keep_checkpoints`` kept;
-    ``resume=True`` continues from the newest good checkpoint in ``out_dir`` (bit-identical to
-    an uninterrupted run on CPU fp32 except ``tokens_per_s``; callbacks' own state is not
-    restored), ``resume=False`` deletes its checkpoints and starts over; ``pairwise_normalized``
-    optimizes −a_w·(u_w/n_w − u_l/n_l), n = detached per-pair gradient norms (gradient-
-    entanglement spec §7), while ``loss`` still logs the loss itself; ``cdpo`` without an
-    ``alpha`` kwarg uses the pairs' own ``alpha`` when all have one. Under ``torchrun`` (env
-    ``WORLD_SIZE`` > 1) it runs DDP (gloo on CPU, NCCL on GPU); only rank 0 writes files.
-
-    Raises:
-        ConfigError: naming the bad option (``out_dir`` when it cannot be created or written).
-        DataError: a pair that cannot be scored (longer than the context), ``field`` = its side,
-        ``pair_index``/``split`` attributes name it. TrainingError: non-finite loss/gradient
-        (step named), a failed metrics/checkpoint write, an unreadable saved config on resume.
-    """
-    pairs, eval_pairs, callbacks = list(pairs), list(eval_pairs or []), list(callbacks)
-    spec, kw = losses.get_loss(loss), losses.resolve_kwargs(loss, loss_kwargs)
-    _validate(dict(locals()))
-    # ---------------------------------------------------------------- device, ranks, output paths
-    world, created_group = int(os.environ.get("WORLD_SIZE", "1")), False
-    if device is None and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    device = torch.device(device) if device is not None else lm.device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device", f"'{device}' requested but CUDA is not available")
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    parts = world * grad_accum
-    if batch_size % parts or len(pairs) < batch_size:
-        raise ConfigError("batch_size", f"{batch_size} must divide by grad_accum × world size ({parts}) "
+def prepare_data(lm, pairs: list, eval_pairs: list, cfg: TrainConfig, env: DistEnv) -> TrainData:
+    """Encode train and eval pairs once (DataError naming a bad pair) and size the run."""
+    parts = env.world_size * cfg.grad_accum
+    if cfg.batch_size % parts or len(pairs) < cfg.batch_size:
+        raise ConfigError("batch_size", f"{cfg.batch_size} must divide by grad_accum × world size ({parts}) "
                           f"and not exceed the dataset ({len(pairs)} pairs)")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created_group = True
-    rank = dist.get_rank() if world > 1 else 0
-    policy = lm.model.to(device).eval().requires_grad_(True)  # eval = dropout off; grads still flow
-    out_dir = Path(out_dir)
-    ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
-    # ---------------------------------------------------------------- data and reference log-probs
-    def encode_pairs(ps, split):
-        return tuple(_encode_side(lm, ps, side, split, add_eos) for side in ("chosen", "rejected"))
+    train = encode_pairs(lm, pairs, add_eos=cfg.add_eos, split="train")
+    ev = encode_pairs(lm, eval_pairs, add_eos=cfg.add_eos, split="eval") if eval_pairs else None
+    steps_per_epoch = len(epoch_batches(train.lengths, cfg.batch_size, cfg.seed, 0, parts))
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    alphas = {}
+    if cfg.loss == "cdpo" and "alpha" not in cfg.loss_kwargs and all(p.alpha is not None for p in pairs + eval_pairs):
+        alphas = {split: torch.tensor([p.alpha for p in ps], dtype=torch.float64)
+                  for split, ps in (("train", pairs), ("eval", eval_pairs))}
+    return TrainData(pairs, train, ev, lm.pad_id, steps_per_epoch, total, alphas)
 
-    (enc_w, enc_l), (ev_w, ev_l) = encode_pairs(pairs, "train"), encode_pairs(eval_pairs, "eval")
-    if rank == 0:  # after the data checks: a rejected run leaves no output behind
-        _prepare_out_dir(out_dir)
-    lengths, pad_id = [max(len(a), len(b)) for a, b in zip(enc_w, enc_l)], lm.pad_id
-    steps_per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, parts))
-    total_steps = steps if steps is not None else epochs * steps_per_epoch
-    alphas = {}  # cdpo soft labels from the data (Chen et al. 2024)
-    own_alpha = all(p.alpha is not None for p in pairs + eval_pairs)
-    if loss == "cdpo" and "alpha" not in (loss_kwargs or {}) and own_alpha:
-        alphas = {"train": torch.tensor([p.alpha for p in pairs], dtype=torch.float64),
-                  "eval": torch.tensor([p.alpha for p in eval_pairs], dtype=torch.float64)}
-    beta, ref_model = float(kw.get("beta", 1.0)), getattr(ref, "model", ref) if ref is not None else policy
 
-    def reference(ew, el):
-        if not spec.uses_reference or not ew:
-            return None
-        args = dict(pad_id=pad_id, device=next(ref_model.parameters()).device, precision=precision,
-                    cache_dir=ref_cache_dir or out_dir / "ref_cache")
-        got = reference_logprobs(ref_model, ew, el, **args, compute=rank == 0)  # rank 0 fills the cache
-        if world > 1:
-            dist.barrier()
-        return got or reference_logprobs(ref_model, ew, el, **args)
+def run_record(cfg: TrainConfig, data: TrainData) -> dict:
+    """The resume-compatibility record: :meth:`TrainConfig.to_dict`, the data digest and, for a
+    decaying schedule, the run length."""
+    return {**cfg.to_dict(), "data": data_digest(data.train),
+            "total_steps": data.total_steps if cfg.schedule in ("linear", "cosine") else None}
 
-    ref_logps, eval_ref = reference(enc_w, enc_l), reference(ev_w, ev_l)
-    config = dict(loss=loss, loss_kwargs=kw, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs or {},
-                  lr=lr, schedule=schedule, warmup_steps=warmup_steps, batch_size=batch_size,
-                  grad_accum=grad_accum, precision=precision, seed=seed,
-                  pairwise_normalized=pairwise_normalized,
-                  max_grad_norm=max_grad_norm, data=data_digest(enc_w, enc_l),
-                  total_steps=total_steps if schedule in ("linear", "cosine") else None)
-    config = json.loads(json.dumps(config, default=lambda t: t.tolist()))
-    # ---------------------------------------------------------------- optimizer, resume, metrics file
-    torch.manual_seed(seed)
-    if compile:
-        policy.base_model.compile()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    okw = dict(optimizer_kwargs or {})
-    if optimizer == "adamw":
+
+def reference_logps(ref_model, data: TrainData, cfg: TrainConfig, env: DistEnv, cache_dir) -> dict:
+    """``{"train": (u_ref_w, u_ref_l), "eval": ...}`` float64 (empty for reference-free losses),
+    scored in the loop's batch geometry; rank 0 fills the cache, the others read it."""
+    if not losses.get_loss(cfg.loss).uses_reference:
+        return {}
+    device, out = next(ref_model.parameters()).device, {}
+    world = env.world_size
+    geometry = {"train": (data.train, reference_batches(data.train.lengths, cfg, world))}
+    if data.eval is not None:
+        geometry["eval"] = (data.eval, [b for r in range(world) for b in eval_batches(data.eval.lengths, r, world)])
+    for split, (pairs, batches) in geometry.items():
+        kw = dict(batches=batches, pad_id=data.pad_id, device=device, precision=cfg.precision,
+                  cache_dir=cache_dir)
+        got = reference_logprobs(ref_model, pairs, **kw, compute=env.is_main)
+        barrier(env)
+        out[split] = got or reference_logprobs(ref_model, pairs, **kw)
+    return out
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params`` (AdamW: weight decay 0 unless given; fused on CUDA)."""
+    okw = dict(cfg.optimizer_kwargs)
+    if cfg.optimizer == "adamw":
         okw = {"weight_decay": 0.0, **({"fused": True} if device.type == "cuda" else {}), **okw}
     try:
-        opt = OPTIMIZERS[optimizer](params, lr=lr, **okw)
+        return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, **okw)
     except (TypeError, ValueError) as exc:
         raise ConfigError("optimizer_kwargs", str(exc)) from exc
-    start, last_ckpt = 0, None
-    if not resume and rank == 0:
-        for path in list_checkpoints(ckpt_root):
-            shutil.rmtree(path)
-    if resume and list_checkpoints(ckpt_root) and (out_dir / "config.json").is_file():
-        try:  # checked before any weight is loaded
-            saved = json.loads((out_dir / "config.json").read_text())
-            if not isinstance(saved, dict):
-                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
-        except (OSError, ValueError) as exc:
-            raise TrainingError(f"cannot resume: {out_dir / 'config.json'} is unreadable ({exc}); pass "
-                                "resume=False (--no-resume) to start over") from None
-        diff = [k for k in config if saved.get(k) != config[k]]
-        if diff:
-            raise ConfigError("resume", f"{out_dir} holds a run with different {', '.join(diff)}; pass "
-                              "resume=False (--no-resume) to start over")
-    if resume and (found := load_latest(ckpt_root, model=policy, optimizer=opt)) is not None:
-        last_ckpt, start = found[0], found[1]["step"]
-        log.info("resuming from %s at step %d", last_ckpt, start)
-    if rank == 0:
-        truncate_metrics(metrics_path, start)  # the file ends where the checkpoint does
-        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=1))
-    model = _SummedLogprobs(policy)
-    if world > 1:
-        ids = [device] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def lr_at(step):
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        decayed = {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}
-        return lr * decayed.get(schedule, 1.0)
 
-    def refs(pair_logps, idx):
-        return (None, None) if pair_logps is None else tuple(x[idx].to(device) for x in pair_logps)
+def resume(run: RunDir, cfg: TrainConfig, policy, opt, callbacks: CallbackList) -> tuple[int, Path | None]:
+    """Load the newest good checkpoint (weights, optimizer, RNG, callback state): ``(step, path)``."""
+    if not cfg.resume or run.out_dir is None:
+        return 0, None
+    found = load_latest(run.checkpoints, model=policy, optimizer=opt)
+    if found is None:
+        return 0, None
+    path, state = found
+    callbacks.load(state["meta"].get("callbacks", {}), load_extra_tensors(path))
+    log.info("resuming from %s at step %d", path, state["step"])
+    return state["step"], path
 
-    def evaluate():
-        mine = list(range(rank, len(ev_w), world))
-        chosen, rejected = [ev_w[i] for i in mine], [ev_l[i] for i in mine]
-        u_w, u_l = pair_logprobs(policy, chosen, rejected, pad_id=pad_id, device=device, precision=precision)
-        lw, ll = (torch.tensor([len(e.response_ids) for e in x], dtype=torch.float64) for x in (chosen, rejected))
-        rw, rl = (None, None) if eval_ref is None else (eval_ref[0][mine], eval_ref[1][mine])
-        ekw = dict(kw, **({"alpha": alphas["eval"][mine]} if alphas else {}))
-        lv = losses.compute_loss(loss, u_w, u_l, rw, rl, lw, ll, **ekw)
-        sums = _stats(lv, u_w, u_l, rw, rl, lw, ll, beta, torch.tensor(0)).to(device)
-        if world > 1:
-            dist.all_reduce(sums)
-        return _metrics(sums.tolist(), "eval/")
 
-    # ---------------------------------------------------------------- the loop
-    metrics_file = open(metrics_path, "a") if rank == 0 else None  # noqa: SIM115
-    order, order_epoch, metrics, idx, t_prev = None, -1, {}, [], time.perf_counter()
-    tf32 = tf32_for(device, precision)  # bf16 on CUDA: the fp32 unembedding matmuls use TF32
-    tf32.__enter__()
-    use_cache = getattr(policy.config, "use_cache", None)
-    policy.config.use_cache = False  # no KV cache is built in training forwards (restored below)
+@contextmanager
+def no_kv_cache(model):
+    """No KV cache is built in training forwards (``config.use_cache`` restored on exit)."""
+    old = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
     try:
-        for step in range(start, total_steps):
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_batches(lengths, batch_size, seed, epoch, parts), epoch
-            idx = order[pos]
-            shards = [idx[m * world + rank :: parts] for m in range(grad_accum)]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            norms = []
-            if pairwise_normalized:  # detached per-pair gradient norms (ghost; leaves .grad alone)
-                from preflens.dynamics.entanglement import pair_gradient_norms
+        yield
+    finally:
+        model.config.use_cache = old
 
-                for mine in shards:
-                    n = pair_gradient_norms(policy, [enc_w[i] for i in mine], [enc_l[i] for i in mine],
-                                            pad_id=pad_id)
-                    norms.append([x.detach().to(device, torch.float64).clamp_min(1e-12) for x in n])
+
+# ----------------------------------------------------------------------------- metrics
+class PairSums:
+    """Named float64 sums over the pairs of one update (or one evaluation pass).
+
+    Reduced over ranks in one ``all_reduce`` and read back in one host sync; :meth:`metrics`
+    turns the totals into the logged means (module docstring).
+    """
+
+    FIELDS = ("loss", "reward_chosen", "reward_rejected", "reward_correct", "logp_chosen", "logp_rejected",
+              "logp_mean_chosen", "logp_mean_rejected", "ranking_correct", "pairs", "tokens")
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        kw = cfg.resolved_loss_kwargs
+        self.mean_logps = cfg.loss in TRL_MEAN_LOGPS
+        self.scale = float(kw["lam"] if cfg.loss == "orpo" else kw.get("beta", 1.0))
+        self.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in self.FIELDS}
+
+    def add(self, loss: torch.Tensor, lp: ChosenRejectedLogps, ref: tuple | None, tokens) -> None:
+        u_w, u_l = (lp.chosen_mean, lp.rejected_mean) if self.mean_logps else (lp.chosen, lp.rejected)
+        r_w = self.scale * (u_w - ref[0]) if ref is not None else self.scale * u_w
+        r_l = self.scale * (u_l - ref[1]) if ref is not None else self.scale * u_l
+        rows = {"loss": loss.sum(), "reward_chosen": r_w.sum(), "reward_rejected": r_l.sum(),
+                "reward_correct": (r_w > r_l).sum(), "logp_chosen": u_w.sum(), "logp_rejected": u_l.sum(),
+                "logp_mean_chosen": lp.chosen_mean.sum(), "logp_mean_rejected": lp.rejected_mean.sum(),
+                "ranking_correct": (lp.chosen >= lp.rejected).sum(), "pairs": len(lp.chosen), "tokens": tokens}
+        for k, v in rows.items():
+            self.sums[k] = self.sums[k] + torch.as_tensor(v, device=self.sums[k].device).double()
+
+    def reduce(self, env: DistEnv, **local: torch.Tensor) -> dict[str, float]:
+        """Totals over ranks, plus this rank's ``local`` scalars (e.g. grad_norm), in one host sync."""
+        total = all_reduce_sum(torch.stack([self.sums[k] for k in self.FIELDS]), env)
+        values = torch.cat([total, *(v.double().reshape(1).to(total.device) for v in local.values())]).tolist()
+        return dict(zip((*self.FIELDS, *local), values))
+
+    @staticmethod
+    def metrics(t: dict[str, float], prefix: str = "") -> dict[str, float]:
+        n = max(t["pairs"], 1.0)
+        m = {"loss": t["loss"] / n, "rewards/chosen": t["reward_chosen"] / n,
+             "rewards/rejected": t["reward_rejected"] / n,
+             "rewards/margins": (t["reward_chosen"] - t["reward_rejected"]) / n,
+             "rewards/accuracies": t["reward_correct"] / n, "logps/chosen": t["logp_chosen"] / n,
+             "logps/rejected": t["logp_rejected"] / n, "logps_mean/chosen": t["logp_mean_chosen"] / n,
+             "logps_mean/rejected": t["logp_mean_rejected"] / n, "ranking_accuracy": t["ranking_correct"] / n}
+        return {prefix + k: v for k, v in m.items()}
+
+
+def _refs(refs: dict, split: str, idx, device) -> tuple | None:
+    return None if split not in refs else tuple(x[idx].to(device) for x in refs[split])
+
+
+# ----------------------------------------------------------------------------- one update, evaluation
+def train_step(model, policy, params, data: TrainData, refs: dict, idx: list[int], cfg: TrainConfig,
+               env: DistEnv) -> tuple[PairSums, torch.Tensor]:
+    """Forward + backward of every micro-batch of global batch ``idx`` on this rank (gradients
+    accumulated, all-reduced on the last micro-step); returns the step's sums and gradient norm."""
+    shards, sums = shard(idx, env.rank, env.world_size, cfg.grad_accum), PairSums(cfg, env.device)
+    pad_id = data.pad_id
+    for m, mine in enumerate(shards):
+        batch = data.train.batch(mine, pad_id=pad_id, device=env.device)
+        ref, kw = _refs(refs, "train", mine, env.device), data.loss_kwargs(cfg, "train", mine)
+        with no_sync(model, sync=m == len(shards) - 1):
+            with autocast_for(env.device, cfg.precision):
+                lp = concatenated_logps(model, batch)
+            args = (lp.chosen, lp.rejected, *(ref or (None, None)), lp.chosen_tokens, lp.rejected_tokens)
+            loss = losses.compute_loss(cfg.loss, *args, **kw)
+            objective = loss
+            if cfg.pairwise_normalized:  # −a_w·(u_w/n_w − u_l/n_l), norms detached
+                n_w, n_l = pair_gradient_norms(policy, [data.train.chosen[i] for i in mine],
+                                               [data.train.rejected[i] for i in mine], pad_id=pad_id)
+                n_w, n_l = (x.detach().to(env.device, torch.float64).clamp_min(1e-12) for x in (n_w, n_l))
+                a_w, _ = losses.weights(cfg.loss, *args, **kw)
+                objective = -a_w * (lp.chosen / n_w - lp.rejected / n_l)
+            (objective.sum() * (env.world_size / len(idx))).backward()
+        detached = ChosenRejectedLogps(*(x.detach() for x in (lp.chosen, lp.rejected)), lp.chosen_tokens,
+                                       lp.rejected_tokens)
+        sums.add(loss.detach(), detached, ref, batch.attention_mask.sum())
+    if cfg.max_grad_norm is not None:
+        return sums, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    return sums, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv) -> dict:
+    """``eval/*`` metrics of the policy on the eval pairs (each rank scores its strided share)."""
+    batches = eval_batches(data.eval.lengths, env.rank, env.world_size)
+    mine = sorted(i for b in batches for i in b)
+    u_w, u_l = pair_logprobs(policy, data.eval, batches=batches, pad_id=data.pad_id, device=env.device,
+                             precision=cfg.precision)
+    lens = [torch.tensor([len(x[i].response_ids) for i in mine], dtype=torch.float64)
+            for x in (data.eval.chosen, data.eval.rejected)]
+    lp = ChosenRejectedLogps(u_w[mine], u_l[mine], *lens)
+    ref = _refs(refs, "eval", mine, "cpu")
+    loss = losses.compute_loss(cfg.loss, lp.chosen, lp.rejected, *(ref or (None, None)), *lens,
+                               **data.loss_kwargs(cfg, "eval", mine))
+    sums = PairSums(cfg, torch.device("cpu"))
+    sums.add(loss, lp, ref, 0)
+    sums.sums = {k: v.to(env.device) for k, v in sums.sums.items()}
+    return PairSums.metrics(sums.reduce(env), "eval/")
+
+
+# ----------------------------------------------------------------------------- the loop
+def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: RunDir, callbacks: CallbackList,
+          opt, params, start: int, last_ckpt: Path | None) -> RunResult:
+    policy, total = lm.model, data.total_steps
+    parts = env.world_size * cfg.grad_accum
+    model = wrap_model(SequenceLogps(policy), env)
+    state = TrainState(step=start, total_steps=total, epoch=max(start - 1, 0) // data.steps_per_epoch, metrics={},
+                       model=policy, lm=lm, rank=env.rank, world_size=env.world_size, out_dir=run.out_dir,
+                       config=cfg, optimizer=opt, ref_logps=refs.get("train"))  # updated in place each step
+    with ExitStack() as stack:
+        stack.enter_context(tf32_for(env.device, cfg.precision))  # bf16 on CUDA: fp32 head matmuls in TF32
+        stack.enter_context(no_kv_cache(policy))
+        stack.enter_context(run.metrics_writer())
+        callbacks.on_train_begin(state)
+        t_prev = time.perf_counter()
+        for step in range(start, total):
+            idx = data.batch_at(step, cfg, parts)
+            lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total, schedule=cfg.schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            sums = torch.zeros(11, dtype=torch.float64, device=device)
-            for m, mine in enumerate(shards):
-                batch = collate([enc_w[i] for i in mine] + [enc_l[i] for i in mine], pad_id=pad_id,
-                                device=device)
-                lens = batch.response_lens.to(torch.float64)
-                len_w, len_l, k = lens[: len(mine)], lens[len(mine) :], len(mine)
-                ref_w, ref_l = refs(ref_logps, mine)
-                mkw = dict(kw, **({"alpha": alphas["train"][mine]} if alphas else {}))
-                with model.no_sync() if world > 1 and m < grad_accum - 1 else nullcontext():
-                    with autocast_for(device, precision):
-                        u = model(*batch.__dict__.values())
-                    u_w, u_l = u[:k], u[k:]
-                    lv = losses.compute_loss(loss, u_w, u_l, ref_w, ref_l, len_w, len_l, **mkw)
-                    objective = lv
-                    if pairwise_normalized:
-                        a_w, _ = losses.weights(loss, u_w, u_l, ref_w, ref_l, len_w, len_l, **mkw)
-                        objective = -a_w * (u_w / norms[m][0] - u_l / norms[m][1])
-                    (objective.sum() * (world / len(idx))).backward()
-                sums += _stats(lv.detach(), u_w.detach(), u_l.detach(), ref_w, ref_l, len_w, len_l, beta,
-                               batch.attention_mask.sum())
-            if max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if world > 1:
-                dist.all_reduce(sums)
-            s = torch.cat([sums, grad_norm.double().reshape(1)]).tolist()  # the step's one host sync
-            if not (math.isfinite(s[0]) and math.isfinite(s[-1])):
-                raise TrainingError(
-                    f"step {step + 1}: non-finite {'loss' if not math.isfinite(s[0]) else 'gradient'} "
-                    f"(loss {s[0] / s[9]}, grad_norm {s[-1]}); no update applied; last good checkpoint: "
-                    f"{last_ckpt or 'none'}")
+            sums, grad_norm = train_step(model, policy, params, data, refs, idx, cfg, env)
+            t = sums.reduce(env, grad_norm=grad_norm)  # the step's one host sync
+            if not (math.isfinite(t["loss"]) and math.isfinite(t["grad_norm"])):
+                what = "loss" if not math.isfinite(t["loss"]) else "gradient"
+                raise TrainingError(f"step {step + 1}: non-finite {what} (loss {t['loss'] / t['pairs']}, grad_norm "
+                                    f"{t['grad_norm']}); no update applied; last good checkpoint: {last_ckpt or 'none'}")
             opt.step()
             now = time.perf_counter()
-            metrics = {"step": step + 1, **_metrics(s), "grad_norm": s[-1], "lr": lr_at(step),
-                       "tokens_per_s": s[10] / max(now - t_prev, 1e-9)}
+            metrics = {"step": step + 1, **PairSums.metrics(t), "grad_norm": t["grad_norm"], "lr": lr,
+                       "tokens_per_s": t["tokens"] / max(now - t_prev, 1e-9)}
             t_prev = now
-            if eval_pairs and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == total_steps):
-                metrics.update(evaluate())
-            state = TrainState(step + 1, lm, policy, ref_logps, [pairs[i] for i in idx], idx, metrics,
-                               out_dir, total_steps, opt, rank, world)
-            for cb in callbacks:
-                if hasattr(cb, "on_step"):
-                    cb.on_step(state)
-            if metrics_file is not None:
-                try:
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
-                except OSError as exc:  # disk full: stop; a resume cuts the torn line off
-                    raise TrainingError(f"step {step + 1}: could not write {metrics_path}: "
-                                        f"{exc.strerror or exc}; last good checkpoint: {last_ckpt or 'none'}"
-                                        ) from exc
-            if (checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == total_steps:
-                if rank == 0:
-                    epoch_done, position = divmod(step + 1, steps_per_epoch)
-                    cursor = {"epoch": epoch_done, "position": position}
-                    save_checkpoint(ckpt_root, step + 1, model=policy, optimizer=opt,
-                                    meta={"cursor": cursor, "config": config}, keep=keep_checkpoints)
-                if world > 1:
-                    dist.barrier()
-                last_ckpt = ckpt_root / f"step-{step + 1:08d}"
-        state = TrainState(total_steps, lm, policy, ref_logps, [pairs[i] for i in idx], idx, metrics,
-                           out_dir, total_steps, opt, rank, world)
-        for cb in callbacks:
-            if hasattr(cb, "on_end"):
-                cb.on_end(state)
-        if world > 1:
-            dist.barrier()
-    finally:
-        tf32.__exit__(None, None, None)
-        policy.config.use_cache = use_cache
-        if metrics_file is not None:
-            try:
-                metrics_file.close()
-            except OSError:  # the write error was already raised as TrainingError
-                pass
-        if created_group:
-            # Free DDP's reducer while the group is still registered, and let gloo's worker
-            # threads finish releasing completed work (they need the GIL) before the group's
-            # destructor joins them: otherwise teardown can deadlock (seen in CI under load).
-            model = None
-            gc.collect()
-            time.sleep(0.2)
-            dist.destroy_process_group()
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return RunResult(history[-1] if history else {}, metrics_path, last_ckpt, total_steps, history)
+            if data.eval is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
+                metrics.update(evaluate(policy, data, refs, cfg, env))
+            state.step, state.epoch, state.metrics = step + 1, step // data.steps_per_epoch, metrics
+            state.batch, state.batch_indices = [data.pairs[i] for i in idx], idx
+            callbacks.on_step(state)
+            run.log(metrics, last_ckpt)
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total:
+                last_ckpt = run.save(step + 1, data.steps_per_epoch, policy, opt, callbacks, cfg.keep_checkpoints) or last_ckpt
+                barrier(env)
+        callbacks.on_end(state)
+        barrier(env)
+    history = run.history()
+    return RunResult(history[-1] if history else {}, run.metrics_path, last_ckpt, total, history)
+
+
+def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs=None, callbacks=(),
+                     out_dir=None, checkpoint: bool = True, ref=None, **options) -> RunResult:
+    """Train ``lm.model`` in place on ``pairs`` (``PreferencePair`` s) as ``config`` says.
+
+    ``config``: a :class:`TrainConfig`; or its fields as keywords (``train_preference(lm, pairs,
+    lr=1e-3, steps=10, batch_size=4, seed=0, out_dir=...)``), not both. ``eval_pairs``: held-out
+    pairs (``eval/*`` metrics every ``eval_every`` steps and at the end). ``callbacks``: objects
+    of the :mod:`preflens.dynamics.callbacks` protocol. ``out_dir``: the run directory
+    (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``ref_cache/``); None writes nothing.
+    ``checkpoint=False``: no checkpoints (throwaway runs). ``ref``: the reference, an LM or HF
+    module (default: the initial policy). Under ``torchrun`` (env ``WORLD_SIZE`` > 1) it runs
+    DDP (gloo on CPU, NCCL on GPU); only rank 0 writes files. Resuming (``config.resume``, the
+    default) continues from the newest good checkpoint, bit-identical to an uninterrupted run
+    on CPU fp32 (``tokens_per_s`` aside), callback state included.
+
+    Raises:
+        ConfigError: naming the bad field or argument (``out_dir`` when it cannot be written, is
+            an unrelated non-empty directory or is in use by another run; ``resume`` when it holds
+            a run with a different configuration -- nothing is written then).
+        DataError: a pair that cannot be scored (``field`` = its side, ``pair_index``/``split``
+            attributes; ``file``/``line`` when the pair was read from a file).
+        TrainingError: non-finite loss/gradient (step named), a failed metrics/checkpoint write,
+            an unreadable saved config on resume.
+    """
+    if config is not None and options:
+        raise ConfigError("config", f"give a TrainConfig or its fields as keywords, not both ({', '.join(options)})")
+    cfg = config if config is not None else TrainConfig(**options)
+    pairs, eval_pairs = list(pairs), list(eval_pairs or [])
+    _check_inputs(lm, pairs, eval_pairs, cfg)
+    hooks = CallbackList(callbacks)
+    with distributed(cfg.device, lm.device) as env:
+        data = prepare_data(lm, pairs, eval_pairs, cfg, env)
+        run = RunDir(out_dir, env.is_main, checkpoint)
+        record = run_record(cfg, data)
+        run.check_resume(record, cfg.resume)  # before anything is written: a refused resume writes nothing
+        with run.open():
+            policy = lm.model.to(env.device).eval().requires_grad_(True)  # eval = dropout off; grads flow
+            ref_model = getattr(ref, "model", ref) if ref is not None else policy
+            refs = reference_logps(ref_model, data, cfg, env, cfg.ref_cache_dir or run.ref_cache)
+            torch.manual_seed(cfg.seed)
+            if cfg.compile:
+                policy.base_model.compile()
+            params = [p for p in policy.parameters() if p.requires_grad]
+            opt = make_optimizer(params, cfg, env.device)
+            if not cfg.resume:
+                run.drop_checkpoints()
+            start, last_ckpt = resume(run, cfg, policy, opt, hooks)
+            run.start(start, record, info={"model": lm.name, "data_path": _data_path(pairs),
+                                           "steps": cfg.steps, "epochs": cfg.epochs})
+            return _loop(lm, data, refs, cfg, env, run, hooks, opt, params, start, last_ckpt)
+
+
+def _data_path(pairs) -> str | None:
+    source = getattr(pairs[0], "source", None)
+    return str(source[0]) if source else None

@@ -6,6 +6,7 @@ checkpoints, config mismatch. The reference is an uninterrupted run of the same 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -46,10 +47,40 @@ class Stall:
             (out / "stalled").write_text(str(state.step))
             time.sleep(600)
 
+CALLBACK
+
 lm = load_model("tiny-random", device="cpu")
-train_preference(lm, read_pairs(data), out_dir=out, callbacks=[Stall()], **config)
+train_preference(lm, read_pairs(data), out_dir=out, callbacks=[Counter(), Stall()], **config)
 (out / "done").write_text("ok")
 """
+
+
+class Counter:
+    """A callback with state: a counter and a private torch RNG, logged every step."""
+
+    name = "counter"
+
+    def __init__(self):
+        self.count, self.began = 0, 0
+        self.rng = torch.Generator().manual_seed(1234)
+
+    def on_train_begin(self, state):
+        self.began += 1
+
+    def on_step(self, state):
+        self.count += 1
+        return {"cb/count": self.count, "cb/draw": float(torch.rand((), generator=self.rng)),
+                "cb/main": float(state.is_main and state.world_size == 1 and state.model is state.lm.model)}
+
+    def state_dict(self):
+        return {"count": self.count, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, d):
+        self.count = d["count"]
+        self.rng.set_state(d["rng"])
+
+
+WORKER = WORKER.replace("CALLBACK", inspect.getsource(Counter))
 
 
 def _pairs(n: int = 12) -> list[PreferencePair]:
@@ -78,7 +109,8 @@ def reference(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = train_preference(load_model("tiny-random", device="cpu"), _pairs(), out_dir=out, **CONFIG)
+        res = train_preference(load_model("tiny-random", device="cpu"), _pairs(), out_dir=out, callbacks=[Counter()],
+                               **CONFIG)
     finally:
         torch.set_num_threads(threads)
     return res
@@ -134,6 +166,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference):
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert _metrics(out / "metrics.jsonl") == _metrics(reference.metrics_path)
     assert _same_weights(out / "checkpoints" / "step-00000008", reference.checkpoint_path)
+    # the callback's counter and RNG resumed with the run (its logged values equal the reference's)
+    assert [r["cb/count"] for r in _metrics(out / "metrics.jsonl")] == list(range(1, 9))
+    assert len({r["cb/draw"] for r in _metrics(out / "metrics.jsonl")}) == 8
+    assert all(r["cb/main"] == 1.0 for r in _metrics(out / "metrics.jsonl"))
 
 
 def test_corrupt_checkpoint_falls_back_with_named_error(tmp_path, reference, caplog):
@@ -143,14 +179,14 @@ def test_corrupt_checkpoint_falls_back_with_named_error(tmp_path, reference, cap
     snapshot = copy.deepcopy(lm)
     # Run to the end, then truncate the newest checkpoint's weights: resume must detect it,
     # log a TrainingError naming it, fall back to step 6 and redo steps 7-8 identically.
-    train_preference(lm, _pairs(), out_dir=out, **cfg)
+    train_preference(lm, _pairs(), out_dir=out, callbacks=[Counter()], **cfg)
     newest = out / "checkpoints" / "step-00000008"
     blob = (newest / "model.safetensors").read_bytes()
     (newest / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(TrainingError, match="step-00000008 is corrupt: model.safetensors has"):
         verify_checkpoint(newest)
     with caplog.at_level(logging.WARNING, logger="preflens.dynamics.checkpoint"):
-        res = train_preference(snapshot, _pairs(), out_dir=out, **cfg)
+        res = train_preference(snapshot, _pairs(), out_dir=out, callbacks=[Counter()], **cfg)
     assert any("step-00000008 is corrupt" in r.getMessage() for r in caplog.records)
     assert _metrics(res.metrics_path) == _metrics(reference.metrics_path)
     assert _same_weights(res.checkpoint_path, reference.checkpoint_path)

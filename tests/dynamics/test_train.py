@@ -21,7 +21,7 @@ from preflens.dynamics.refcache import reference_logprobs
 from preflens.dynamics.train import epoch_batches, train_preference
 from preflens.errors import ConfigError, TrainingError
 from preflens.models import load_model
-from preflens.scoring import collate, encode, response_logprobs
+from preflens.scoring import EncodedPairs, collate, encode, encode_pairs, response_logprobs
 
 WORDS = "the capital city river yes no never sure maybe answer model human".split()
 
@@ -176,22 +176,22 @@ def test_epoch_batches_deterministic_bucketed():
 
 
 def test_reference_cache_is_keyed_and_read(base, tmp_path):
-    pairs = make_pairs(3)
-    enc_w = encode(base.tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    enc_l = encode(base.tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    enc = encode_pairs(base, make_pairs(3))
     kw = dict(pad_id=base.pad_id, device=torch.device("cpu"), cache_dir=tmp_path)
-    u_w, u_l = reference_logprobs(base.model, enc_w, enc_l, **kw)
+    u_w, u_l = reference_logprobs(base.model, enc, **kw)
     (path,) = tmp_path.glob("*.safetensors")
     from safetensors.torch import save_file
 
     save_file({"u_ref_w": u_w + 1, "u_ref_l": u_l}, str(path))  # a hit must read the file
-    assert torch.equal(reference_logprobs(base.model, enc_w, enc_l, **kw)[0], u_w + 1)
+    assert torch.equal(reference_logprobs(base.model, enc, **kw)[0], u_w + 1)
     other = copy.deepcopy(base.model)
     with torch.no_grad():
         other.transformer.ln_f.bias += 1e-3
-    assert reference_logprobs(other, enc_w, enc_l, **kw, compute=False) is None
-    assert reference_logprobs(base.model, enc_w[:2], enc_l[:2], **kw, compute=False) is None
-    assert reference_logprobs(base.model, enc_w, enc_l, **kw, precision="bf16", compute=False) is None
+    assert reference_logprobs(other, enc, **kw, compute=False) is None
+    fewer = EncodedPairs(enc.chosen[:2], enc.rejected[:2])
+    assert reference_logprobs(base.model, fewer, **kw, compute=False) is None
+    assert reference_logprobs(base.model, enc, **kw, precision="bf16", compute=False) is None
+    assert reference_logprobs(base.model, enc, **kw, batches=[[0], [1, 2]], compute=False) is None
 
 
 def test_eval_pairs_and_reference_free_loss(base, tmp_path):
@@ -200,7 +200,8 @@ def test_eval_pairs_and_reference_free_loss(base, tmp_path):
                            out_dir=tmp_path, eval_pairs=make_pairs(3, seed=9), eval_every=2,
                            schedule="cosine", warmup_steps=1, optimizer="rmsprop")
     assert [("eval/loss" in h) for h in res.history] == [False, True, False, True]
-    assert res.history[0]["lr"] == pytest.approx(1e-3) and res.history[-1]["lr"] < 1e-3
+    assert res.history[0]["lr"] == 0.0 and res.history[1]["lr"] == pytest.approx(1e-3)  # warm-up from 0 (TRL)
+    assert res.history[-1]["lr"] < 1e-3
     assert not (tmp_path / "ref_cache").exists()  # SimPO needs no reference
 
 
@@ -256,3 +257,61 @@ def test_cli_train(tmp_path, capsys):
     assert trained.model.transformer.wte.weight.shape[0] == trained.vocab_size
     assert cli_main(argv + ["--loss-kwarg", "tau=1"]) == 2
     assert "tau" in capsys.readouterr().err
+
+
+REFERENCE_LOSSES = [name for name, spec in losses.LOSSES.items() if spec.uses_reference]
+
+
+@pytest.mark.parametrize("loss", REFERENCE_LOSSES)
+def test_step_one_rewards_are_exactly_zero_when_policy_is_reference(base, tmp_path, loss):
+    """Issue 14 defect 1: the reference is scored in the loop's batch geometry, so at step 1
+    u − u_ref is exactly 0 for every pair and the strict accuracy is 0 (TRL: exactly 0)."""
+    pairs = make_pairs(40, seed=7)  # on the old code: accuracy 0.125 (2 of 16 pairs flipped by fp32 noise)
+    res = train_preference(copy.deepcopy(base), pairs, loss=loss, lr=1e-3, steps=1, batch_size=16, grad_accum=4,
+                           seed=4, out_dir=tmp_path)
+    first = res.history[0]
+    assert first["rewards/accuracies"] == 0.0
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("loss,kw,mean,scale", [
+    ("simpo", {"beta": 2.0, "gamma": 0.5}, True, 2.0),  # TRL CPOTrainer(loss_type="simpo"): β·mean
+    ("orpo", {"lam": 0.3}, True, 0.3),                   # TRL ORPOTrainer: β (= our λ)·mean
+    ("cpo", {"beta": 0.2, "lam": 1.0}, False, 0.2),      # TRL CPOTrainer(loss_type="sigmoid"): β·sum
+])
+def test_reference_free_rewards_follow_trl(base, tmp_path, loss, kw, mean, scale):
+    """Issue 14 defect 4: rewards/* and logps/* of reference-free losses are what TRL's trainer
+    for that loss logs. Step-1 metrics are measured before the update, on the initial model."""
+    pairs = make_pairs(4, seed=5)
+    res = train_preference(copy.deepcopy(base), pairs, loss=loss, loss_kwargs=kw, lr=1e-3, steps=1, batch_size=4,
+                           seed=0, out_dir=tmp_path)
+    prompts = [p.prompt for p in pairs]
+    s_w = response_logprobs(base, prompts, [p.chosen for p in pairs])
+    s_l = response_logprobs(base, prompts, [p.rejected for p in pairs])
+    u_w, u_l = (s_w.mean_logp, s_l.mean_logp) if mean else (s_w.logp, s_l.logp)
+    m = res.history[0]
+    assert m["logps/chosen"] == pytest.approx(float(u_w.mean()), abs=1e-5)
+    assert m["logps/rejected"] == pytest.approx(float(u_l.mean()), abs=1e-5)
+    assert m["rewards/chosen"] == pytest.approx(scale * float(u_w.mean()), abs=1e-5)
+    assert m["rewards/margins"] == pytest.approx(scale * float((u_w - u_l).mean()), abs=1e-5)
+    assert m["rewards/accuracies"] == float((u_w > u_l).double().mean())
+    assert m["logps_mean/chosen"] == pytest.approx(float(s_w.mean_logp.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_logged_lr_matches_transformers_warmup_schedules(base, tmp_path, schedule):
+    """Issue 14 defect 4: TRL's first warm-up update has lr 0 (transformers' schedulers)."""
+    from transformers import get_scheduler
+
+    res = train_preference(copy.deepcopy(base), make_pairs(4), optimizer="sgd", lr=0.01, steps=6, batch_size=2,
+                           seed=0, schedule=schedule, warmup_steps=2, out_dir=tmp_path)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = get_scheduler("constant_with_warmup" if schedule == "constant" else schedule, opt,
+                          num_warmup_steps=2, num_training_steps=6)
+    want = []
+    for _ in range(6):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [h["lr"] for h in res.history] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert res.history[0]["lr"] == 0.0

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import preflens.dynamics.train as train_mod
+import preflens.dynamics.rundir as rundir_mod
 from preflens.cli import main as cli_main
 from preflens.data import PreferencePair
 from preflens.dynamics.checkpoint import list_checkpoints, save_checkpoint, verify_checkpoint
@@ -325,7 +325,7 @@ def test_disk_full_on_metrics_line(env, tmp_path, capsys, monkeypatch):
         def close(self):
             self.fh.close()
 
-    monkeypatch.setattr(train_mod, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(rundir_mod, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     rc, err = _run_cli(_train_argv(env["good"], out, "--checkpoint-every", "1", steps=("--steps", "3")), capsys)
     _assert_one_line_error(rc, err, f"step 2: could not write {out / 'metrics.jsonl'}: No space left on device",
                            "last good checkpoint:", "step-00000001")
@@ -365,7 +365,7 @@ def test_resume_with_unreadable_run_config(env, finished_run, tmp_path, capsys):
     (out / "config.json").write_text('{"loss": "dpo", "lr": ')  # damaged by hand
     rc, err = _run_cli(_train_argv(env["good"], out, steps=("--steps", "1")), capsys)
     _assert_one_line_error(rc, err, f"cannot resume: {out / 'config.json'} is unreadable",
-                           "--no-resume")
+                           "resume=False")
     rc, err = _run_cli(_train_argv(env["good"], out, "--no-resume", steps=("--steps", "1")), capsys)
     assert rc == 0, err
 

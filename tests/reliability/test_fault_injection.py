@@ -70,18 +70,18 @@ if mode == "refcache":      # reference log-probs computed, not yet cached
 elif mode == "midstep":     # loss of the at-th step computed; no backward, no update
     import preflens.dynamics.losses as losses
     losses.compute_loss = counting(losses.compute_loss, mode, before=False)
-elif mode == "between":     # before the at-th step of this process collates its batch
+elif mode == "between":     # before the at-th step of this process sets its learning rate
     import preflens.dynamics.train as train
-    train.collate = counting(train.collate, mode, before=True)
+    train.lr_at = counting(train.lr_at, mode, before=True)
 elif mode == "after_ckpt":  # checkpoint `at` renamed into place
-    import preflens.dynamics.train as train
-    orig = train.save_checkpoint
+    import preflens.dynamics.rundir as rundir
+    orig = rundir.save_checkpoint
     def save(root, step, **k):
         out = orig(root, step, **k)
         if step == at:
             stall(mode)
         return out
-    train.save_checkpoint = save
+    rundir.save_checkpoint = save
 elif mode == "final":       # final-model weights written to the temporary directory
     import transformers
     transformers.PreTrainedModel.save_pretrained = counting(
@@ -283,20 +283,18 @@ def test_damaged_reference_cache_is_recomputed(tiny, tmp_path, caplog, damage):
     from safetensors.torch import save
 
     from preflens.dynamics.refcache import reference_logprobs
-    from preflens.scoring import encode
+    from preflens.scoring import encode_pairs
 
-    pairs = _pairs(4)
-    enc_w = encode(tiny.tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    enc_l = encode(tiny.tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    enc = encode_pairs(tiny, _pairs(4))
     kw = dict(pad_id=tiny.pad_id, device=torch.device("cpu"), cache_dir=tmp_path)
-    u_w, u_l = reference_logprobs(tiny.model, enc_w, enc_l, **kw)
+    u_w, u_l = reference_logprobs(tiny.model, enc, **kw)
     (path,) = tmp_path.glob("*.safetensors")
     good = path.read_bytes()
     bad = {"truncate": good[: len(good) // 2], "garbage": b"\x00" * 64,
            "wrong_length": save({"u_ref_w": u_w[:2], "u_ref_l": u_l[:2]})}[damage]
     path.write_bytes(bad)
     with caplog.at_level(logging.INFO, logger="preflens.dynamics.refcache"):
-        again = reference_logprobs(tiny.model, enc_w, enc_l, **kw)
+        again = reference_logprobs(tiny.model, enc, **kw)
     assert torch.equal(again[0], u_w) and torch.equal(again[1], u_l)
     assert not any("read from" in r.getMessage() for r in caplog.records)
     assert path.read_bytes() == good

@@ -54,7 +54,7 @@ def test_training_writes_no_pickle(tmp_path, monkeypatch):
     assert cli_main(_train(data, out)) == 0
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {p.relative_to(out).parts[0] for p in files} == {"checkpoints", "ref_cache", "final-model",
-                                                           "metrics.jsonl", "config.json"}
+                                                           "metrics.jsonl", "config.json", ".preflens.lock"}
     for p in files:
         assert not p.name.endswith(PICKLE_SUFFIXES), p
         head = p.read_bytes()[:4]
