@@ -166,9 +166,9 @@ TRAIN_CASES = [
     ("votes_third_response", lambda e, o: _train_argv(e["third_vote"], o),
      ["third_vote.jsonl:1: field 'votes': vote label 'response_3'"]),
     ("prompt_exceeds_context", lambda e, o: _train_argv(e["too_long"], o),
-     ["too_long.jsonl:3: field 'chosen':", "exceed the context of model 'tiny-random' (256)", "train pair 1"]),
+     ["too_long.jsonl:3: field 'chosen':", "exceed the context of model 'tiny-random' (256)"]),
     ("eval_exceeds_context", lambda e, o: _train_argv(e["good"], o, "--eval-data", str(e["too_long"])),
-     ["too_long.jsonl:3: field 'chosen':", "eval pair 1"]),
+     ["too_long.jsonl:3: field 'chosen':", "exceed the context"]),
     # model names and directories
     ("unknown_model_name", lambda e, o: _train_argv(e["good"], o, model="no-such-model-xyz"),
      ["unknown or unreachable model 'no-such-model-xyz'", "Offline names: tiny-random"]),
