@@ -21,6 +21,7 @@ __all__ = ["register"]
 
 def _cmd(args: argparse.Namespace) -> int:
     from preflens.data.adapters import load_pairs
+    from preflens.measure import fit_context
     from preflens.measure.filtering import filter_pairs, select_lowest
     from preflens.models import load_model
 
@@ -33,6 +34,7 @@ def _cmd(args: argparse.Namespace) -> int:
     pairs = load_pairs(args.data, args.format, split=args.split, tokenizer=lm.tokenizer,
                        limit=args.limit, sample=args.sample, seed=args.seed,
                        on_error="skip" if args.skip_bad_rows else "raise")
+    pairs, _ = fit_context(pairs, lm, skip_long=args.skip_long)
     info = filter_pairs(lm, pairs, args.out, by=args.by, drop_top=args.drop_top,
                         keep_lowest=args.keep_lowest, batch_size=args.batch_size,
                         progress=not args.no_progress)

@@ -50,6 +50,8 @@ def add_data_args(ap: argparse.ArgumentParser) -> None:
     pick.add_argument("--sample", type=int, default=None, help="N items drawn at random (seeded)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     ap.add_argument("--skip-bad-rows", action="store_true", help="leave out malformed rows (warns) instead of failing")
+    ap.add_argument("--skip-long", action="store_true",
+                    help="leave out items longer than the model context (default: fail before scoring)")
 
 
 def _floats(text: str) -> list[float]:
@@ -88,7 +90,7 @@ def _cmd(args: argparse.Namespace) -> int:
         format=args.format, split=args.split, limit=args.limit, sample=args.sample, seed=args.seed,
         options=_lens_options(args), batch_size=args.batch_size, chunk_size=args.chunk_size,
         device=args.device, resume=args.resume, progress=not args.no_progress,
-        on_error="skip" if args.skip_bad_rows else "raise",
+        on_error="skip" if args.skip_bad_rows else "raise", skip_long=args.skip_long,
     )
     print(json.dumps({"out": args.out, **summary["results"]}, ensure_ascii=False))
     return 0

@@ -43,6 +43,7 @@ vote groups of AlpacaFarm and the posts of SHP rankings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -92,6 +93,10 @@ class _Rows:
         out = DataError(exc.reason, file=f"{self.label}: row {i}", field=exc.field)
         out.file, out.row = self.label, i
         return out
+
+    def source(self, i: int) -> tuple[str, int | None]:
+        """``(file, line)`` for ``PreferencePair.source``: later errors (unknown words) name it."""
+        return (self.label, self.lines[i]) if self.lines is not None else (f"{self.label}: row {i}", None)
 
     def column(self, name: str) -> list:
         return [self.get(i).get(name) for i in range(self.n)]
@@ -302,7 +307,7 @@ def _row_pairs(fmt: str, obj: dict, i: int, tokenizer) -> list[PreferencePair]:
 
 
 def _with_id(pair: PreferencePair, pid: str) -> PreferencePair:
-    return PreferencePair(pair.prompt, pair.chosen, pair.rejected, id=pid, votes=pair.votes, alpha=pair.alpha)
+    return dataclasses.replace(pair, id=pid)
 
 
 def _implicit_prompt(obj: dict) -> dict:
@@ -440,6 +445,8 @@ def _load(source, fmt, split, tokenizer, limit, sample, seed, on_error, rankings
                 raise
             skipped.append(str(exc))
             continue
+        if not rankings:
+            recs = [dataclasses.replace(r, source=rows.source(idx[0])) for r in recs if r is not None]
         out.extend(r for r in recs if r is not None)
     if skipped:
         log.warning("%s: skipped %d bad item(s); first: %s", rows.label, len(skipped), skipped[0])

@@ -23,7 +23,7 @@ from typing import Any
 
 from preflens.errors import ConfigError
 
-__all__ = ["LENSES", "measure", "lens_module", "load_items"]
+__all__ = ["LENSES", "measure", "lens_module", "load_items", "fit_context"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,48 @@ def load_items(mod, data, lm, *, format=None, split=None, limit=None, sample=Non
                    "sample": sample, "seed": seed, "n_items": len(items)}
 
 
+def _texts(item) -> tuple[str, dict[str, str], tuple | None]:
+    """(prompt, {field: continuation}, source) of a pair or a ``{prompt, target, foil}`` record."""
+    if isinstance(item, dict):
+        foils = [item["foil"]] if isinstance(item["foil"], str) else list(item["foil"])
+        return item["prompt"], {"target": item["target"], **{f"foil[{k}]": f for k, f in enumerate(foils)}}, None
+    return item.prompt, {"chosen": item.chosen, "rejected": item.rejected}, getattr(item, "source", None)
+
+
+def fit_context(items: list, lm, *, skip_long: bool = False) -> tuple[list, int]:
+    """Items whose prompt + longest continuation (+ BOS/EOS) fit ``lm``'s context.
+
+    Over-long items raise a DataError naming the first one (its file and line when known), or
+    are left out with ``skip_long``; returns ``(items kept, number left out)``. Texts whose UTF-8
+    byte count already fits are not tokenized (a token covers at least one byte)."""
+    from preflens.errors import DataError
+    from preflens.scoring import bos_prefix, text_ids
+
+    n_ctx, tok = lm.n_ctx, lm.tokenizer
+    extra = len(bos_prefix(tok)) + 1
+    kept, dropped = [], 0
+    for i, it in enumerate(items):
+        prompt, conts, source = _texts(it)
+        longest = max(len(c.encode("utf-8")) for c in conts.values())
+        if len(prompt.encode("utf-8")) + longest + extra <= n_ctx:
+            kept.append(it)
+            continue
+        n_p = len(text_ids(tok, prompt, bos=True, field="prompt", source=source))
+        n_r = max(len(text_ids(tok, c, field=k, source=source)) for k, c in conts.items()) + 1
+        if n_p + n_r <= n_ctx:
+            kept.append(it)
+        elif skip_long:
+            dropped += 1
+        else:
+            file, line = source if source is not None else (None, None)
+            raise DataError(f"item {i}: prompt ({n_p}) + response ({n_r}) tokens exceed the model "
+                            f"context of {n_ctx}; leave such items out with skip_long "
+                            "(--skip-long)", file=file, line=line)
+    if dropped:
+        log.warning("left out %d item(s) longer than the model context (%d tokens)", dropped, n_ctx)
+    return kept, dropped
+
+
 def _options(mod, options: dict | None):
     try:
         return mod.Options(**(options or {}))
@@ -96,6 +138,7 @@ def measure(
     resume: bool = True,
     progress: bool = True,
     on_error: str = "raise",
+    skip_long: bool = False,
     figure: bool = True,
 ) -> dict[str, Any]:
     """Run ``lens`` on ``data`` with ``model``; write scores, summary and figure to ``out_dir``.
@@ -108,6 +151,8 @@ def measure(
         data: a source of :func:`preflens.data.adapters.load_pairs` or a list of items;
             ``format``, ``split``, ``limit``, ``sample``, ``seed``, ``on_error`` select from a source.
         options: the lens's options (its ``Options`` dataclass fields).
+        skip_long: leave out items longer than the model context (default: a DataError naming
+            the first one, before any scoring).
         batch_size: ``None`` picks one for the device (:func:`runner.auto_batch_size`).
         chunk_size: items per resumable chunk. resume: continue an interrupted run in ``out_dir``.
 
@@ -131,6 +176,12 @@ def measure(
     ref = _model(reference, device) if reference is not None else None
     items, dataset = load_items(mod, data, lm, format=format, split=split, limit=limit,
                                 sample=sample, seed=seed, on_error=on_error)
+    items, n_long = fit_context(items, lm, skip_long=skip_long)
+    if n_long:
+        dataset["n_skipped_long"] = n_long
+        dataset["n_items"] = len(items)
+    if not items:
+        raise ConfigError("skip_long", "every item is longer than the model context")
     bs = batch_size or auto_batch_size(lm, mod.KIND)
     opt_dict = dataclasses.asdict(opts)
     config = {"model": _model_name(model), "reference": _model_name(reference), "dataset": dataset,

@@ -34,8 +34,10 @@ class Options:
 
 def score_chunk(lm, reference, pairs, opts: Options, batch_size: int) -> list[dict]:
     prompts = [p.prompt for p in pairs]
-    h_w = response_hidden_states(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    h_l = response_hidden_states(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size)
+    h_w = response_hidden_states(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="chosen")
+    h_l = response_hidden_states(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="rejected")
     ches = ches_scores(h_w, h_l)
     ln = ches_scores(h_w, h_l, length_normalized=True)
     last = last_hidden_inner_product(h_w, h_l)

@@ -22,7 +22,7 @@ import torch
 
 from preflens.errors import ConfigError
 from preflens.probes.displacement import top_gaining_tokens
-from preflens.scoring import collate, encode, final_hidden, response_logprobs
+from preflens.scoring import collate, encode, final_hidden, head_logits, response_logprobs
 
 NAME = "displacement"
 KIND = "forward"
@@ -43,8 +43,8 @@ class Options:
 @torch.no_grad()
 def _next_token_logprobs(lm, prompts, batch_size: int) -> torch.Tensor:
     """``[n, d_vocab]`` fp32 log π(· | prompt) at the last prompt position (first response token)."""
-    enc = encode(lm.tokenizer, prompts, [""] * len(prompts), add_eos=True, max_length=lm.n_ctx)
-    head = lm.model.get_output_embeddings()
+    enc = encode(lm.tokenizer, prompts, [""] * len(prompts), add_eos=True, max_length=lm.n_ctx,
+                 truncate="left")
     was = lm.model.training
     lm.model.eval()
     rows = []
@@ -53,7 +53,7 @@ def _next_token_logprobs(lm, prompts, batch_size: int) -> torch.Tensor:
             batch = collate(enc[s:s + batch_size], pad_id=lm.pad_id, device=lm.device)
             h = final_hidden(lm.model, batch)
             last = h[torch.arange(h.shape[0], device=h.device), batch.prompt_lens.to(h.device) - 1]
-            rows.append(torch.log_softmax(head(last).float(), dim=-1).cpu())
+            rows.append(torch.log_softmax(head_logits(lm.model, last, dtype=torch.float32), dim=-1).cpu())
     finally:
         lm.model.train(was)
     return torch.cat(rows)
@@ -61,10 +61,14 @@ def _next_token_logprobs(lm, prompts, batch_size: int) -> torch.Tensor:
 
 def score_chunk(lm, reference, pairs, opts: Options, batch_size: int) -> list[dict]:
     prompts = [p.prompt for p in pairs]
-    m_w = response_logprobs(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    m_l = response_logprobs(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size)
-    r_w = response_logprobs(reference, prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    r_l = response_logprobs(reference, prompts, [p.rejected for p in pairs], batch_size=batch_size)
+    m_w = response_logprobs(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="chosen")
+    m_l = response_logprobs(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="rejected")
+    r_w = response_logprobs(reference, prompts, [p.chosen for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="chosen")
+    r_l = response_logprobs(reference, prompts, [p.rejected for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="rejected")
     now = _next_token_logprobs(lm, prompts, batch_size)
     start = _next_token_logprobs(reference, prompts, batch_size)
     rows = []

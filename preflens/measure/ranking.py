@@ -50,8 +50,10 @@ class Options:
 
 def _scores(lm, pairs, batch_size: int):
     prompts = [p.prompt for p in pairs]
-    s_w = response_logprobs(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    s_l = response_logprobs(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size)
+    s_w = response_logprobs(lm, prompts, [p.chosen for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="chosen")
+    s_l = response_logprobs(lm, prompts, [p.rejected for p in pairs], batch_size=batch_size,
+                            sources=[p.source for p in pairs], response_field="rejected")
     return s_w, s_l
 
 

@@ -81,3 +81,33 @@ def test_measure_hh_fixture_and_filter(tmp_path, capsys):
     rc, _, err = _run(capsys, "filter", "--drop-top", "1.5", "--model", "tiny-random",
                       "--data", str(FIX / "hh_rlhf.jsonl"), "--out", str(clean))
     assert rc == 2 and "--drop-top: must be a fraction in [0, 1)" in err
+
+
+def test_over_long_items_fail_before_scoring_or_are_skipped(tmp_path, capsys):
+    rows = [json.loads(x) for x in (FIX / "synthetic_gptj.jsonl").read_text().splitlines()]
+    rows.insert(1, {"prompt": "word " * 400, "chosen": " a", "rejected": " b"})   # > 256 tokens
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["measure", "ranking", "--model", "tiny-random", "--device", "cpu", "--data", str(data),
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and f"{data}:2: item 1: prompt (" in err and "context of 256" in err, err
+    assert not (tmp_path / "o" / "scores.jsonl").exists()
+    rc, _, err = _run(capsys, *argv, "--skip-long")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["dataset"]["n_skipped_long"] == 1 and summary["results"]["n_pairs"] == 2
+
+
+def test_unknown_word_names_the_data_line(tmp_path, capsys):
+    """toyworld's word-level tokenizer: a word it lacks is reported at its line, via the pair's source."""
+    from preflens.data.toyworld.prefs import multi_token_pairs
+    from preflens.reproduce.common import toyworld_world
+
+    good = [p.to_dict() for p in multi_token_pairs(toyworld_world(), 2, seed=0)]
+    good[1]["rejected"] = " Zanzibarquux"
+    data = tmp_path / "u.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good))
+    rc, _, err = _run(capsys, "measure", "ches", "--model", "toyworld", "--device", "cpu", "--data", str(data),
+                      "--out", str(tmp_path / "o"), "--no-progress")
+    assert rc == 2 and f"{data}:2: field 'rejected': word 'Zanzibarquux'" in err, err
