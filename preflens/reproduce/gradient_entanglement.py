@@ -17,8 +17,8 @@ Entanglement". Steps:
    that the one-token pairs really differ in exactly one token; cos and DPO's effect on the
    chosen log-prob for each; a token-level gradient-similarity heatmap for one suffix pair.
 
-Each loss's trajectory and a step of its own: editing one loss's settings in ``RUNS`` reruns
-that loss only. The results JSON keeps every value the figures draw (``losses[*].history``,
+Each loss's trajectory is a step of its own: editing one loss's settings in ``RUNS`` reruns
+that loss's trajectory and the sign-agreement step (which covers every loss), nothing else. The results JSON keeps every value the figures draw (``losses[*].history``,
 ``token_similarity``).
 """
 
