@@ -46,7 +46,7 @@ from preflens.dynamics.entanglement import (
 )
 from preflens.dynamics.train import train_preference
 from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
-from preflens.scoring import collate, encode, response_logprobs, token_logprobs
+from preflens.scoring import concatenated_logps, encode, encode_pairs, response_logprobs
 
 PAPER = "gradient_entanglement"
 # name -> (registered loss, loss kwargs, pairwise_normalized)
@@ -140,7 +140,7 @@ def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
     train_preference(
         lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=c.lr, epochs=c.epochs,
         batch_size=c.batch_size, seed=c.seed, pairwise_normalized=normalized,
-        max_grad_norm=10.0, callbacks=[tracker], out_dir=ctx.cache_dir / "runs" / name, resume=False,
+        max_grad_norm=10.0, callbacks=[tracker], out_dir=None,  # a throwaway run: writes nothing
     )
     h = tracker.history
     return {
@@ -154,29 +154,21 @@ def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
 
 
 # -- step 2: first-order sign agreement -------------------------------------------------------
-def _u(model, tokenizer, pairs, pad_id):
-    enc_w = encode(tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
-    enc_l = encode(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs])
-    batch = collate(enc_w + enc_l, pad_id=pad_id, device=next(model.parameters()).device)
-    u = token_logprobs(model, batch).double().sum(1)
-    lens = batch.response_lens.double()
-    n = len(pairs)
-    return u[:n], u[n:], lens[:n], lens[n:]
-
-
 def _one_step_agrees(lm, pair, loss, kwargs, lr, pred_w, pred_l) -> bool:
     """One plain-SGD step on ``pair`` alone (policy = reference); do the measured signs of
     Δu_w, Δu_l match the predicted ones?"""
     model = copy.deepcopy(lm.model)
-    u_w, u_l, len_w, len_l = _u(model, lm.tokenizer, [pair], lm.pad_id)
-    ref_w, ref_l = u_w.detach(), u_l.detach()
-    loss_registry.compute_loss(loss, u_w, u_l, ref_w, ref_l, len_w, len_l, **kwargs).sum().backward()
+    batch = encode_pairs(lm, [pair]).batch([0], pad_id=lm.pad_id, device=next(model.parameters()).device)
+    u = concatenated_logps(model, batch)
+    ref_w, ref_l = u.chosen.detach(), u.rejected.detach()
+    loss_registry.compute_loss(loss, u.chosen, u.rejected, ref_w, ref_l, u.chosen_tokens, u.rejected_tokens,
+                               **kwargs).sum().backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
-        a_w, a_l, _, _ = _u(model, lm.tokenizer, [pair], lm.pad_id)
-    d_w, d_l = float(a_w - ref_w), float(a_l - ref_l)
+        after = concatenated_logps(model, batch)
+    d_w, d_l = float(after.chosen - ref_w), float(after.rejected - ref_l)
     return bool(np.sign(d_w) == np.sign(float(pred_w)) and np.sign(d_l) == np.sign(float(pred_l)))
 
 
@@ -225,7 +217,7 @@ def _overlap_arm(ctx: RecipeContext, c, kind: str, suffix: bool) -> dict:
     before, before_l = _summed_logps(lm, pairs, "chosen"), _summed_logps(lm, pairs, "rejected")
     train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
                      lr=c.overlap_lr, steps=c.overlap_steps, batch_size=min(16, len(pairs)), seed=c.seed,
-                     add_eos=False, out_dir=ctx.cache_dir / "runs" / f"overlap-{kind}", resume=False)
+                     add_eos=False, out_dir=None)
     after, after_l = _summed_logps(lm, pairs, "chosen"), _summed_logps(lm, pairs, "rejected")
     return {"mean_cos": float(st.cos.mean()), "frac_cos_positive": float((st.cos > 0).double().mean()),
             "chosen_delta": float((after - before).mean()),

@@ -112,7 +112,7 @@ def single_token_run(ctx: RecipeContext, c, name: str, seed: int) -> dict:
     run = train_preference(
         lm, [pair], loss="dpo", loss_kwargs={"beta": c.beta}, optimizer="rmsprop",
         lr=c.single_lr, steps=c.single_steps, batch_size=1, seed=seed, add_eos=False,
-        callbacks=[tracker], out_dir=ctx.cache_dir / "runs" / f"{name}-{seed}", resume=False,
+        callbacks=[tracker], out_dir=None,  # a throwaway run: writes nothing
     )
     losses = [m["loss"] for m in run.history]
     p_pos, p_neg = tracker.prob_trajectory(0, "chosen"), tracker.prob_trajectory(0, "rejected")
@@ -148,7 +148,7 @@ def similarity_scores(ctx: RecipeContext, c) -> dict:
 
 
 @reads("n_multi", "data_seed", "beta", "multi_lr", "multi_epochs", "multi_batch", "train_seeds")
-def quantile_dpo(ctx: RecipeContext, c, tag: str, idx: list) -> dict:
+def quantile_dpo(ctx: RecipeContext, c, idx: list) -> dict:
     """Δ⁺ (nats) per DPO seed on ``pairs[idx]``: mean log π_θ(y⁺) − mean log π_ref(y⁺) over the
     subset (summed log-probs, EOS included); seeds differ in batch order."""
     subset = [_multi_pairs(ctx, c)[i] for i in idx]
@@ -160,7 +160,7 @@ def quantile_dpo(ctx: RecipeContext, c, tag: str, idx: list) -> dict:
         train_preference(
             lm, subset, loss="dpo", loss_kwargs={"beta": c.beta}, optimizer="rmsprop",
             lr=c.multi_lr, epochs=c.multi_epochs, batch_size=c.multi_batch, seed=seed,
-            out_dir=ctx.cache_dir / "runs" / f"{tag}-{seed}", resume=False,
+            out_dir=None,
         )
         deltas.append(float(response_logprobs(lm, prompts, chosen).logp.mean() - before.mean()))
     return {"delta_per_seed": deltas}
@@ -171,7 +171,7 @@ def _quantile_rows(ctx: RecipeContext, cfg: Config, measure: str, scores: list) 
     rows = []
     for q in tqdm(cfg.quantiles, desc=f"DPO on {measure} quantiles"):
         idx = quantile_subset(scores, q, cfg.subset).tolist()
-        deltas = ctx.step(f"quantile-{measure}-{q}", quantile_dpo, cfg, f"{measure}-{q}", idx)["delta_per_seed"]
+        deltas = ctx.step(f"quantile-{measure}-{q}", quantile_dpo, cfg, idx)["delta_per_seed"]
         rows.append({"q": q, "mean_score": float(scores[idx].mean()),
                      "mean_delta_logp_chosen": sum(deltas) / len(deltas), "delta_per_seed": deltas})
     return rows

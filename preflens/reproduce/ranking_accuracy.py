@@ -96,7 +96,7 @@ def dpo(ctx: RecipeContext, c) -> dict:
         lm, pairs, loss="dpo", loss_kwargs={"beta": c.dpo_beta}, optimizer=c.optimizer,
         lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, seed=c.seed,
         callbacks=[tracker, ProgressCallback("DPO (tracking ranking accuracy)")],
-        out_dir=ctx.cache_dir / "dpo_run", resume=False,
+        out_dir=None,  # a throwaway run: writes nothing
     )
     trajectory = [{"step": h["step"], "ranking_accuracy": h["accuracy"],
                    "ranking_accuracy_mean": h["accuracy_mean"]} for h in tracker.history]
