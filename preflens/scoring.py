@@ -690,7 +690,7 @@ def _pair_error(reason: str, pair, index: int, side: str, split: str) -> DataErr
     if source is not None:
         err = DataError(reason, file=source[0], line=source[1], field=side)
     else:
-        name = f"{split} pair {index}" + (f" (id {pair.id!r})" if getattr(pair, "id", None) is not None else "")
+        name = f"{split} pair {index}".lstrip() + (f" (id {pair.id!r})" if getattr(pair, "id", None) is not None else "")
         err = DataError(f"{reason} [{name}]", field=side)
     err.pair_index, err.split = index, split
     return err

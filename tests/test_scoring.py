@@ -153,3 +153,33 @@ def test_length_buckets_respect_batch_size_and_token_budget():
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
     assert length_buckets(lengths, 100) == [sorted(range(8), key=lambda i: -lengths[i])]
+
+
+def test_pair_api_one_forward_equals_per_side_scoring(tiny):
+    from preflens.data import PreferencePair
+    from preflens.scoring import SequenceLogps, concatenated_logps, encode_pairs
+
+    pairs = [PreferencePair(f"Q{i}: the capital is", " Paris" * (i + 1), " Rome" * (3 - i % 3)) for i in range(5)]
+    enc = encode_pairs(tiny, pairs)
+    batch = enc.batch([4, 0, 2], pad_id=tiny.pad_id)
+    got = concatenated_logps(tiny.model, batch)
+    prompts = [pairs[i].prompt for i in (4, 0, 2)]
+    s_w = response_logprobs(tiny, prompts, [pairs[i].chosen for i in (4, 0, 2)])
+    s_l = response_logprobs(tiny, prompts, [pairs[i].rejected for i in (4, 0, 2)])
+    assert torch.allclose(got.chosen, s_w.logp, atol=1e-5) and torch.allclose(got.rejected, s_l.logp, atol=1e-5)
+    assert torch.equal(got.chosen_tokens, s_w.n_tokens.double()) and got.chosen.dtype == torch.float64
+    assert torch.equal(concatenated_logps(SequenceLogps(tiny.model), batch).chosen, got.chosen)  # wrapper: same
+    assert len(repr(got)) < 120 and len(repr(enc)) < 80
+
+
+def test_encode_pairs_names_the_file_line_or_the_pair(tiny):
+    from preflens.data import PreferencePair
+    from preflens.errors import DataError
+    from preflens.scoring import encode_pairs
+
+    long = PreferencePair("Q", " a", " b" * 400, source=("data.jsonl", 7))
+    with pytest.raises(DataError) as exc:
+        encode_pairs(tiny, [PreferencePair("Q", " a", " b"), long])
+    assert (exc.value.file, exc.value.line, exc.value.field, exc.value.pair_index) == ("data.jsonl", 7, "rejected", 1)
+    with pytest.raises(DataError, match=r"exceed the context .*\[eval pair 0\]"):
+        encode_pairs(tiny, [PreferencePair("Q", " a", " b" * 400)], split="eval")

@@ -18,10 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
-from preflens.errors import ConfigError, DataError, PreflensError, TrainingError
+from preflens.errors import ConfigError, PreflensError, TrainingError
 from preflens.models import DEFAULT_MODEL
 
-__all__ = ["register", "run_train", "loss_help"]
+__all__ = ["register", "run_train", "loss_help", "config_from_args", "CONFIG_FLAGS"]
 
 
 def loss_help() -> str:
@@ -116,7 +116,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="loss parameter, repeatable (e.g. --loss-kwarg lam=2)")
     p.add_argument("--lr", type=float, required=True, help="peak learning rate")
     p.add_argument("--schedule", default=None, help="learning-rate schedule: constant (default), linear or cosine")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear learning-rate warm-up from 0, as transformers/TRL (the first update has lr 0)")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer updates")
     length.add_argument("--epochs", type=int, help="passes over the data")
@@ -143,40 +144,41 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_OPTION_FLAGS = {"pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out"}
+# The one flag <-> parameter table of `preflens train`: TrainConfig field -> flag (the flag's
+# argparse dest is the field name), then train_preference's other parameters.
+CONFIG_FLAGS = {
+    "loss": "--loss", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
+    "warmup_steps": "--warmup-steps", "steps": "--steps", "epochs": "--epochs", "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum", "precision": "--precision", "seed": "--seed", "max_grad_norm": "--max-grad-norm",
+    "pairwise_normalized": "--pairwise-normalized", "eval_every": "--eval-every",
+    "checkpoint_every": "--checkpoint-every", "resume": "--resume", "device": "--device", "compile": "--compile",
+}
+_OPTION_FLAGS = {**CONFIG_FLAGS, "pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out",
+                 "loss_kwargs": "--loss-kwarg"}
 
 
-def _cli_error(exc: PreflensError, args, loss_kwargs: dict) -> PreflensError:
-    """Re-address an error of ``train_preference`` to what the user typed.
+def config_from_args(args):
+    """The :class:`~preflens.dynamics.config.TrainConfig` of parsed ``args`` (:data:`CONFIG_FLAGS`)."""
+    from preflens.dynamics.config import TrainConfig
 
-    A ConfigError's option becomes the command-line flag (``batch_size`` → ``--batch-size``, a
-    loss parameter → ``--loss-kwarg KEY``); a DataError about the i-th pair gets the data file
-    and its line number.
-    """
+    return TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS}, loss_kwargs=_loss_kwargs(args))
+
+
+def _cli_error(exc: PreflensError, args) -> PreflensError:
+    """Re-address an error of the library to what the user typed: a ConfigError's field becomes
+    its flag (a loss parameter ``--beta`` or ``--loss-kwarg KEY``), ``resume=False`` becomes
+    ``--no-resume``. Data errors already name the file and line (``PreferencePair.source``)."""
     if isinstance(exc, ConfigError):
         from preflens.dynamics.losses import LOSSES
 
-        option = exc.option
-        if option in _OPTION_FLAGS:
-            flag = _OPTION_FLAGS[option]
-        elif option == "beta" and args.beta is not None:
-            flag = "--beta"
-        elif option in loss_kwargs or (args.loss in LOSSES and option in LOSSES[args.loss].defaults):
-            flag = f"--loss-kwarg {option}"
-        else:
-            from preflens.cli import flag_for
-
-            flag = flag_for(option, args)
-            if flag is None:
-                return exc
-        return ConfigError(flag, exc.reason, allowed=exc.allowed)
-    index = getattr(exc, "pair_index", None)
-    if isinstance(exc, DataError) and index is not None and exc.file is None:
-        from preflens.data.io import read_jsonl
-
-        path = args.data if getattr(exc, "split", "train") == "train" else args.eval_data
-        line = [n for n, _ in read_jsonl(path)][index]  # read_pairs keeps one pair per record
-        return DataError(exc.reason, file=path, line=line, field=exc.field)
+        option, reason = exc.option, exc.reason.replace("resume=False", "--no-resume")
+        if option == "beta" and args.beta is not None:
+            option = "--beta"
+        elif option not in _OPTION_FLAGS and args.loss in LOSSES and option in LOSSES[args.loss].defaults:
+            option = f"--loss-kwarg {option}"
+        return ConfigError(_OPTION_FLAGS.get(option, option), reason, allowed=exc.allowed)
+    if isinstance(exc, TrainingError) and "resume=False" in str(exc):
+        return TrainingError(str(exc).replace("resume=False", "--no-resume"))
     return exc
 
 
@@ -206,25 +208,16 @@ def run_train(args) -> int:
     from preflens.dynamics.train import train_preference
     from preflens.models import load_model
 
-    kwargs = _loss_kwargs(args)
-    pairs = read_pairs(args.data)
-    eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
-    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    rank = int(os.environ.get("RANK", "0"))
-    last = _LastStep()
-    callbacks = [last] if args.no_progress or rank != 0 else [last, _Progress()]
+    rank, last = int(os.environ.get("RANK", "0")), _LastStep()
     try:
-        result = train_preference(
-            lm, pairs, loss=args.loss, loss_kwargs=kwargs, optimizer=args.optimizer, lr=args.lr,
-            schedule=args.schedule, warmup_steps=args.warmup_steps, steps=args.steps,
-            epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            precision=args.precision, compile=args.compile, seed=args.seed, eval_pairs=eval_pairs,
-            eval_every=args.eval_every, callbacks=callbacks, out_dir=args.out, resume=args.resume,
-            checkpoint_every=args.checkpoint_every, pairwise_normalized=args.pairwise_normalized,
-            device=args.device, max_grad_norm=args.max_grad_norm,
-        )
+        config = config_from_args(args)  # a bad option fails before the model is loaded
+        pairs = read_pairs(args.data)
+        eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
+        lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        callbacks = [last] if args.no_progress or rank != 0 else [last, _Progress()]
+        result = train_preference(lm, pairs, config, eval_pairs=eval_pairs, callbacks=callbacks, out_dir=args.out)
     except PreflensError as exc:
-        raise _cli_error(exc, args, kwargs) from None
+        raise _cli_error(exc, args) from None
     except KeyboardInterrupt as exc:
         exc.preflens_message = _interrupt_message(args.out, last.step)  # read by preflens.cli.main
         raise

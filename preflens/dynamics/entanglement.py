@@ -26,7 +26,7 @@ import torch
 
 from preflens.dynamics.ghost import GhostCapture, select_parameters, summed_token_logprobs
 from preflens.errors import ConfigError
-from preflens.scoring import Encoded, collate, encode, final_hidden, logit_head
+from preflens.scoring import Encoded, collate, encode_pairs, final_hidden, logit_head
 
 __all__ = [
     "GradientStats",
@@ -140,13 +140,8 @@ class GradientStats:
 def _encode_pairs(lm, pairs, add_eos: bool) -> tuple[list[Encoded], list[Encoded]]:
     if len(pairs) == 0:
         raise ConfigError("pairs", "no preference pairs given")
-    prompts = [p.prompt for p in pairs]
-    sources = [getattr(p, "source", None) for p in pairs]
-    enc_w = encode(lm.tokenizer, prompts, [p.chosen for p in pairs], add_eos=add_eos,
-                   max_length=lm.n_ctx, sources=sources, response_field="chosen")
-    enc_l = encode(lm.tokenizer, prompts, [p.rejected for p in pairs], add_eos=add_eos,
-                   max_length=lm.n_ctx, sources=sources, response_field="rejected")
-    return enc_w, enc_l
+    enc = encode_pairs(lm, pairs, add_eos=add_eos, split="")
+    return list(enc.chosen), list(enc.rejected)
 
 
 @contextmanager

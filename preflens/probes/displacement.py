@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
-from preflens.scoring import collate, encode, token_logprobs
+from preflens.scoring import EncodedPairs, collate, concatenated_logps, encode
 
 __all__ = [
     "unembedding_alignment",
@@ -236,7 +236,8 @@ class DisplacementTracker:
     (:meth:`on_step`), for each pair:
 
     * ``logp_chosen`` / ``logp_rejected``: **summed** log-probs, EOS appended and counted,
-      computed with :func:`preflens.scoring.token_logprobs` in eval mode under ``no_grad``
+      computed with :func:`preflens.scoring.concatenated_logps` (chosen and rejected of a batch of
+      pairs in one forward) in eval mode under ``no_grad``
       (the model's train/eval mode is restored afterwards);
     * for pairs whose chosen and rejected responses are each a single token (without EOS):
       ``first_logp_chosen`` / ``first_logp_rejected`` = ``ln π(y±_1|x)`` at the last prompt
@@ -296,12 +297,15 @@ class DisplacementTracker:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 
-    def _summed_logps(self, model, encoded, device) -> list[float]:
-        out: list[float] = []
-        for s in range(0, len(encoded), self.batch_size):
-            batch = collate(encoded[s : s + self.batch_size], pad_id=self._pad_id(), device=device)
-            out.extend(token_logprobs(model, batch).to(torch.float64).sum(-1).tolist())
-        return out
+    def _summed_logps(self, model, device) -> tuple[list[float], list[float]]:
+        """Summed log-probs of chosen and rejected: one concatenated forward per batch of pairs."""
+        enc, lp_pos, lp_neg = EncodedPairs(tuple(self._enc_pos), tuple(self._enc_neg)), [], []
+        for s in range(0, len(enc), self.batch_size):
+            idx = range(s, min(s + self.batch_size, len(enc)))
+            got = concatenated_logps(model, enc.batch(idx, pad_id=self._pad_id(), device=device))
+            lp_pos += got.chosen.tolist()
+            lp_neg += got.rejected.tolist()
+        return lp_pos, lp_neg
 
     def _next_token_logprobs(self, model, device) -> Tensor:
         enc = [self._enc_pos[i] for i in self.single_token_pairs]
@@ -321,8 +325,7 @@ class DisplacementTracker:
         model.eval()
         try:
             with torch.no_grad():
-                lp_pos = self._summed_logps(model, self._enc_pos, device)
-                lp_neg = self._summed_logps(model, self._enc_neg, device)
+                lp_pos, lp_neg = self._summed_logps(model, device)
                 dist = self._next_token_logprobs(model, device) if self.single_token_pairs else None
         finally:
             model.train(was_training)

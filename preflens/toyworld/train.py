@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from preflens.data.toyworld.corpus import DEFAULT_COPY_MIX, DEFAULT_MIX, count_facts, generate_documents, vocabulary_lines
 from preflens.data.toyworld.tokenizer import EOS, save_tokenizer, train_tokenizer
 from preflens.data.toyworld.world import make_world, save_world
+from preflens.dynamics.config import lr_at
 from preflens.errors import ConfigError, TrainingError
 
 __all__ = ["TrainConfig", "train_toyworld"]
@@ -82,10 +82,9 @@ def _pack(docs_ids: list[list[int]], n_ctx: int, eos: int, n_blocks: int):
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+    """nanoGPT's schedule: warm-up from lr/warmup, cosine to ``min_lr_frac``·lr (:func:`lr_at`)."""
+    return lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.steps, schedule="cosine",
+                 min_lr_frac=cfg.min_lr_frac, warmup_offset=1)
 
 
 def train_toyworld(

@@ -65,7 +65,7 @@ def test_ctrl_c_in_train_names_step_and_checkpoint(tmp_path, capsys, monkeypatch
     data = write_pairs(tmp_path / "pairs.jsonl", [PreferencePair("Q", " a", " b")] * 4)
     out = tmp_path / "run"
 
-    def interrupted(lm, pairs, *, callbacks, out_dir, **kwargs):
+    def interrupted(lm, pairs, config=None, *, callbacks, out_dir, **kwargs):
         (out / "checkpoints" / "step-00000002").mkdir(parents=True)
         for cb in callbacks:
             cb.on_step(argparse.Namespace(step=3, total_steps=5, metrics={}))
@@ -97,7 +97,7 @@ def test_no_progress_silences_transformers_during_the_command(tmp_path, monkeypa
     data = write_pairs(tmp_path / "pairs.jsonl", [PreferencePair("Q", " a", " b")] * 4)
     seen = []
 
-    def record(lm, pairs, **kwargs):
+    def record(lm, pairs, config=None, **kwargs):
         seen.append((tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()))
         raise KeyboardInterrupt
 

@@ -365,7 +365,7 @@ def test_resume_with_unreadable_run_config(env, finished_run, tmp_path, capsys):
     (out / "config.json").write_text('{"loss": "dpo", "lr": ')  # damaged by hand
     rc, err = _run_cli(_train_argv(env["good"], out, steps=("--steps", "1")), capsys)
     _assert_one_line_error(rc, err, f"cannot resume: {out / 'config.json'} is unreadable",
-                           "resume=False")
+                           "--no-resume")
     rc, err = _run_cli(_train_argv(env["good"], out, "--no-resume", steps=("--steps", "1")), capsys)
     assert rc == 0, err
 
