@@ -174,7 +174,8 @@ def _cli_error(exc: PreflensError, args) -> PreflensError:
         option, reason = exc.option, exc.reason.replace("resume=False", "--no-resume")
         if option == "beta" and args.beta is not None:
             option = "--beta"
-        elif option not in _OPTION_FLAGS and args.loss in LOSSES and option in LOSSES[args.loss].defaults:
+        elif option not in _OPTION_FLAGS and (option in {i.partition("=")[0].strip() for i in args.loss_kwarg}
+                                              or option in getattr(LOSSES.get(args.loss), "defaults", {})):
             option = f"--loss-kwarg {option}"
         return ConfigError(_OPTION_FLAGS.get(option, option), reason, allowed=exc.allowed)
     if isinstance(exc, TrainingError) and "resume=False" in str(exc):
