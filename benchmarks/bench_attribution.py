@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from preflens.attribution.heads import head_logit_attribution
-from preflens.attribution.recall import counterfactual_prompts, first_token_ids
+from preflens.attribution.recall import first_token_ids
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.data.capitals import load_capitals
 from preflens.models import load_model
 

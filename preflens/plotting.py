@@ -6,8 +6,7 @@ a killed run never leaves a half-written PNG behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,18 +22,16 @@ __all__ = ["save_figure", "line_panels", "heatmap", "scatter_with_curve", "group
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Save ``fig`` as PNG at ``path`` atomically and close it."""
+    from preflens.data.io import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        fig.savefig(buf, dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def line_panels(

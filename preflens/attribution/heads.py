@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from preflens.attribution.recall import CounterfactualPrompt, first_token_ids
+from preflens.attribution.recall import first_token_ids
+from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError, DataError, ModelError
 
 __all__ = [

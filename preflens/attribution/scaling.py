@@ -20,7 +20,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
-from preflens.attribution.recall import LABELS, CounterfactualPrompt, generate_continuations
+from preflens.attribution.recall import LABELS, generate_continuations
+from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError
 
 __all__ = ["scale_heads", "scaling_sweep", "alpha_grid", "official_alpha_grid", "numpy_arange"]

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from preflens.attribution.heads import head_logit_attribution
-from preflens.attribution.recall import CounterfactualPrompt, first_token_ids
+from preflens.attribution.recall import first_token_ids
+from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import DataError
 from preflens.scoring import collate, encode, final_hidden
 from preflens.tracking import Tracker

@@ -33,14 +33,10 @@ import torch
 
 from preflens import plotting
 from preflens.attribution.heads import head_logit_attribution, select_heads
-from preflens.attribution.recall import (
-    classify_continuations,
-    counterfactual_prompts,
-    per_prompt_frequency,
-    rates_by_frequency,
-)
+from preflens.attribution.recall import classify_continuations, per_prompt_frequency, rates_by_frequency
 from preflens.attribution.scaling import scaling_sweep
 from preflens.data.capitals import CapitalRow, CapitalsWorld, load_capitals
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.data.toyworld.world import load_world
 from preflens.reproduce.common import RecipeContext, format_table, reads
 

@@ -22,6 +22,7 @@ each quantile's Δ⁺ per seed.
 from __future__ import annotations
 
 import functools
+import math
 import random
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ from preflens.probes.displacement import (
 )
 from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
 from preflens.scoring import response_logprobs
+from preflens.stats import spearman
 
 PAPER = "likelihood_displacement"
 PAIR_TYPES = {"similar (No vs Never)": (" No", " Never"), "dissimilar (Yes vs No)": (" Yes", " No")}
@@ -189,10 +191,9 @@ def run(ctx: RecipeContext, cfg: Config) -> dict:
 
 
 def _spearman(x, y) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    if np.std(rx) == 0 or np.std(ry) == 0:
-        return 0.0
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """preflens.stats.spearman, 0.0 (not NaN: results JSON must be finite) for a constant side."""
+    rho = spearman(x, y)
+    return 0.0 if math.isnan(rho) else rho
 
 
 def _single_summary(runs: list[dict]) -> dict:

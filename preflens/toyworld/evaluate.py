@@ -30,15 +30,20 @@ import torch
 
 from preflens.data.capitals import CLOSED_BOOK_TEMPLATE, PAPER_TEMPLATE, classify_continuation
 from preflens.data.toyworld.world import load_world
+from preflens._torchutil import eval_mode
 from preflens.errors import ModelError
+from preflens.generation import greedy_decode, hf_forward, last_logits
+from preflens.stats import label_rates, percentile_bins
 
-__all__ = ["evaluate_toyworld", "greedy_continuations", "decile_bins"]
+__all__ = ["evaluate_toyworld", "greedy_continuations"]
 
 YESNO_TEMPLATE = "Q: Is the capital of {country} {city}?\nA:"
 
 
 def _load(model_dir_or_lm):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    """``(model, tokenizer, directory)`` from an LM, a toyworld directory or None (the shipped
+    checkpoint), loaded through :func:`preflens.models.load_model`."""
+    from preflens.models import load_model
 
     if model_dir_or_lm is None:
         from preflens.toyworld import ASSETS_DIR
@@ -49,16 +54,17 @@ def _load(model_dir_or_lm):
     d = Path(model_dir_or_lm)
     if not (d / "world.json").is_file() or not (d / "config.json").is_file():
         raise ModelError(f"{d} is not a toyworld model directory (needs config.json and world.json)")
-    model = GPT2LMHeadModel.from_pretrained(str(d)).eval()
-    return model, AutoTokenizer.from_pretrained(str(d)), d
+    lm = load_model(str(d))
+    return lm.model, lm.tokenizer, d
 
 
-@torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16,
                          batch_size: int = 256) -> list[str]:
     """Greedy-decode ``max_new_tokens`` after each prompt (no BOS, no padding: prompts are
-    grouped by token length) and return the decoded new text, cut at the first EOS."""
+    grouped by token length; KV cache) with :func:`preflens.generation.greedy_decode` and return
+    the decoded new text, cut at the first EOS."""
     eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: list[str] = [""] * len(prompts)
     groups: dict[int, list[int]] = {}
@@ -68,34 +74,20 @@ def greedy_continuations(model, tokenizer, prompts: list[str], *, max_new_tokens
     for _, idx in sorted(groups.items()):
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            x = torch.tensor([enc[i] for i in chunk], device=dev)
-            res = model(input_ids=x, use_cache=True)
-            new = []
-            for _ in range(max_new_tokens):
-                nxt = res.logits[:, -1].argmax(-1, keepdim=True)
-                new.append(nxt)
-                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
-            gen = torch.cat(new, 1).tolist()
+            gen = greedy_decode(None, [enc[i] for i in chunk], max_new_tokens=max_new_tokens, eos=eos,
+                                pad=pad, device=dev, cache_model=model)
             for i, g in zip(chunk, gen):
-                if eos in g:
-                    g = g[: g.index(eos)]
                 out[i] = tokenizer.decode(g)
     return out
 
 
-def decile_bins(values) -> tuple[np.ndarray, list[float]]:
-    """Bin index 0..9 per value, edges at the 0,10,…,100th percentiles; bins half-open
-    ``[e_k, e_k+1)`` except the last, closed (factual_recall.md §4.1, one bin per item)."""
-    v = np.asarray(values, dtype=float)
-    edges = np.percentile(v, np.arange(0, 101, 10))
-    b = np.searchsorted(edges[1:-1], v, side="right")
-    return b, edges.tolist()
+def _deciles(values) -> tuple[np.ndarray, list[float]]:
+    index, edges = percentile_bins(values, 10)
+    return np.asarray(index), edges
 
 
 def _rates(labels: list[str]) -> dict:
-    n = len(labels)
-    return {"n": n, **{k: (sum(x == k for x in labels) / n if n else None)
-                       for k in ("in_context", "memorized", "neither")}}
+    return label_rates(labels, ("in_context", "memorized", "neither"))
 
 
 @torch.no_grad()
@@ -111,7 +103,7 @@ def _yes_no(model, tok, world, prompts: list[str], batch_size: int = 256) -> lis
     for idx in groups.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            logits = model(input_ids=torch.tensor([enc[i] for i in chunk], device=dev)).logits[:, -1]
+            logits = last_logits(hf_forward(model), [enc[i] for i in chunk], pad=0, device=dev)
             yes = torch.logsumexp(logits[:, ids_yes], -1) > torch.logsumexp(logits[:, ids_no], -1)
             for i, v in zip(chunk, yes.tolist()):
                 says_yes[i] = bool(v)
@@ -124,7 +116,11 @@ def evaluate_toyworld(model_dir_or_lm=None, *, subset: int | None = None, n_fict
     country (fixed, seeded) for the fast mode, ``None`` = all N·(N−1) prompts. Returns a JSON-
     ready dict (rates in [0, 1]); the acceptance checks of issue 3 are under ``acceptance``."""
     model, tok, d = _load(model_dir_or_lm)
-    model.eval()
+    with eval_mode(model):  # an LM passed in keeps its train/eval flag
+        return _evaluate(model, tok, d, subset, n_fictional, seed)
+
+
+def _evaluate(model, tok, d: Path, subset: int | None, n_fictional: int, seed: int) -> dict:
     world = load_world(d / "world.json")
     freqs = json.loads((d / "frequencies.json").read_text(encoding="utf-8"))["counts"]
     C, K = world.countries, world.capitals
@@ -136,7 +132,7 @@ def evaluate_toyworld(model_dir_or_lm=None, *, subset: int | None = None, n_fict
     # closed book
     cont = greedy_continuations(model, tok, [CLOSED_BOOK_TEMPLATE.format(country=c) for c in C])
     cb = np.array([classify_continuation(t, [" " + K[i]], "") == "memorized" for i, t in enumerate(cont)])
-    bins, edges = decile_bins(fact)
+    bins, edges = _deciles(fact)
     closed = {"accuracy": float(cb.mean()), "frequent_half": float(cb[sorted(frequent)].mean()),
               "rare_half": float(np.delete(cb, sorted(frequent)).mean()), "decile_edges": edges,
               "by_decile": [{"n": int((bins == b).sum()), "accuracy": float(cb[bins == b].mean()) if (bins == b).any() else None}
@@ -158,7 +154,7 @@ def evaluate_toyworld(model_dir_or_lm=None, *, subset: int | None = None, n_fict
         cf += [(i, j) for j in others]
     cont = greedy_continuations(model, tok, [PAPER_TEMPLATE.format(country=C[i], ic=K[j]) for i, j in cf])
     lab = [classify_continuation(t, [" " + K[i]], " " + K[j]) for t, (i, j) in zip(cont, cf)]
-    bins_cf, edges_cf = decile_bins([fact[i] for i, _ in cf])
+    bins_cf, edges_cf = _deciles([fact[i] for i, _ in cf])
     counter = {**_rates(lab), "criterion": "abs_icl_country (training fact count of the query country)",
                "decile_edges": edges_cf,
                "by_decile": [_rates([x for x, b in zip(lab, bins_cf) if b == k]) for k in range(10)]}

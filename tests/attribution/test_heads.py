@@ -12,7 +12,7 @@ from preflens.attribution.heads import (
     logit_decomposition,
     select_heads,
 )
-from preflens.attribution.recall import counterfactual_prompts
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.errors import ConfigError, ModelError
 from preflens.models import load_model
 

@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from preflens.attribution.recall import (
-    CounterfactualPrompt,
     answer_logit_diff,
     classify_continuations,
-    closed_book_prompts,
-    counterfactual_prompts,
     first_token_ids,
     generate_continuations,
     per_prompt_frequency,
     rates_by_frequency,
-    spearman,
 )
 from preflens.data.capitals import (
     CAPITALS_CSV,
@@ -28,6 +24,7 @@ from preflens.data.capitals import (
     CapitalsWorld,
     classify_continuation,
 )
+from preflens.data.recall_prompts import CounterfactualPrompt, closed_book_prompts, counterfactual_prompts
 from preflens.errors import ConfigError, DataError, ScoringError
 from preflens.models import load_model
 
@@ -261,14 +258,6 @@ def test_rates_by_frequency_degenerate_and_errors():
         rates_by_frequency(["copied"], [1])
     with pytest.raises(DataError):
         rates_by_frequency(["memorized"], [float("nan")])
-
-
-def test_spearman_ties_by_hand():
-    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    # ranks x = 1,2,3,4; y = 1.5,1.5,3,4 -> Pearson of ranks
-    rx, ry = np.array([1, 2, 3, 4.]), np.array([1.5, 1.5, 3, 4])
-    want = np.corrcoef(rx, ry)[0, 1]
-    assert spearman([0, 1, 2, 3], [7, 7, 8, 9]) == pytest.approx(want)
 
 
 def test_per_prompt_frequency():

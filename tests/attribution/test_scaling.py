@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from preflens.attribution.heads import head_logit_attribution, select_heads
-from preflens.attribution.recall import counterfactual_prompts, generate_continuations
+from preflens.attribution.recall import generate_continuations
 from preflens.attribution.scaling import alpha_grid, scale_heads, scaling_sweep
 from preflens.data.capitals import CapitalRow, CapitalsWorld
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.errors import ConfigError
 from preflens.models import load_model
 from preflens.toyworld import ASSETS_DIR as TOYWORLD_DIR

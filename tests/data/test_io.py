@@ -156,3 +156,23 @@ def test_results_must_be_finite(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "x.json", {"a": float("nan")})
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_keep_the_users_umask(tmp_path, umask):
+    """tempfile.mkstemp creates 0600; the renamed output must get 0o666 & ~umask like open()."""
+    import stat
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from preflens.plotting import save_figure
+
+    old = os.umask(umask)
+    try:
+        for path in (write_json(tmp_path / "r.json", {"a": 1}),
+                     write_pairs(tmp_path / "p.jsonl", [PreferencePair("Q", " a", " b")]),
+                     save_figure(plt.figure(), tmp_path / "f.png")):
+            assert stat.S_IMODE(Path(path).stat().st_mode) == 0o666 & ~umask, path
+    finally:
+        os.umask(old)

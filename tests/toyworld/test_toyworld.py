@@ -9,7 +9,7 @@ import torch
 from preflens.data import read_pairs
 from preflens.toyworld import ASSETS_DIR
 from preflens.cli.toyworld import register
-from preflens.toyworld.evaluate import decile_bins, evaluate_toyworld
+from preflens.toyworld.evaluate import evaluate_toyworld
 from preflens.toyworld.train import TrainConfig, train_toyworld
 
 SMALL = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
@@ -47,13 +47,6 @@ def test_training_is_deterministic(tmp_path):
     b = train_toyworld(tmp_path / "b", seed=1, config=_mini(15), progress=False)
     assert a["loss_every_50"] == b["loss_every_50"] and a["final_loss"] == b["final_loss"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-
-
-def test_decile_bins_one_bin_per_item():
-    b, edges = decile_bins(list(range(100)))
-    assert len(edges) == 11 and sorted(set(b.tolist())) == list(range(10))
-    assert all((b == k).sum() == 10 for k in range(10))
-    assert b[99] == 9 and b[0] == 0                               # last bin closed
 
 
 def test_shipped_checkpoint_files_and_size():
