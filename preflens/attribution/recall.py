@@ -72,7 +72,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def first_token_ids(tokenizer, cities: Sequence[str]) -> list[int]:
-    """First sub-token id of ``" " + city`` for each city (factual_recall.md §5.2)."""
+    """First sub-token id of ``" " + city`` for each city (Yu et al. 2023, Sec. 5: the answer token is the first sub-token)."""
     return [_encode(tokenizer, " " + c)[0] for c in cities]
 
 
@@ -83,7 +83,7 @@ def generate_continuations(
     max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[Continuation]:
-    """Greedy continuations and their paper labels (factual_recall.md §3.1), input order.
+    """Greedy continuations and their paper labels (Yu et al. 2023, Sec. 3), input order.
 
     Args:
         lm_or_bridge: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built once)
@@ -148,7 +148,7 @@ def answer_logit_diff(
     answer_prefix: str | None = None,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """``[n]`` float32 next-token logit difference (factual_recall.md §3.2; a preflens variant,
+    """``[n]`` float32 next-token logit difference (a preflens variant of Yu et al. 2023, Sec. 3,
     not the paper's measure): ``logit[t_ic] - max_m logit[t_mem_m]`` with ``t_x`` the first
     sub-token of ``" " + x``.
 
@@ -185,7 +185,7 @@ def answer_logit_diff(
 def per_prompt_frequency(
     prompts: Sequence[CounterfactualPrompt], table: dict, *, by: str = "country"
 ) -> list[float]:
-    """Per-prompt scalar from a caller's table (factual_recall.md §4.1): ``by="country"`` reads
+    """Per-prompt scalar from a caller's table (Yu et al. 2023, Sec. 4): ``by="country"`` reads
     ``table[prompt.country]`` (criterion ``abs_icl_country``, or ``bi_gt_capital`` when the table
     holds country-capital counts, e.g. toyworld's exact fact counts); ``by="in_context"`` reads
     ``table[prompt.in_context]`` (``abs_capital``); ``by="ic_country"`` reads
@@ -209,7 +209,7 @@ def rates_by_frequency(
     degenerate: Sequence[bool] | None = None,
     keep_degenerate: bool = False,
 ) -> dict:
-    """Label rates per frequency percentile bin (factual_recall.md §4.1).
+    """Label rates per frequency percentile bin (Yu et al. 2023, Sec. 4).
 
     Edges are the percentiles 0, 100/bins, ..., 100 of the per-prompt ``frequency`` values
     (linear interpolation). Bin k is the half-open ``[e_k, e_{k+1})``, the last bin closed

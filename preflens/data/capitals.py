@@ -1,8 +1,7 @@
 """Country → capital data and the factual-recall paper's prompt templates and scoring rule.
 
 Source: Yu, Merullo, Pavlick, "Characterizing Mechanisms for Factual Recall in Language
-Models", EMNLP 2023 (arXiv 2310.15910), Sec. 3 and the official scripts; see
-``shared/research/factual_recall.md`` §2–3. The shipped list ``capitals.csv`` is our own
+Models", EMNLP 2023 (arXiv 2310.15910), Sec. 3 and the official scripts. The shipped list ``capitals.csv`` is our own
 (193 UN member states + Vatican City, CC0; see ``CAPITALS_SOURCE.md``), not the paper's
 ``world_capitals.csv``.
 
@@ -10,7 +9,7 @@ Conventions:
 * rows keep file order; a country may have several rows (Bolivia: Sucre, La Paz);
 * ``mem_set(country)`` is an **exact** string match on the country column (aliases resolve
   through ``aliases`` first) — never the official code's substring lookup, which answered
-  China→Taipei, Niger→Abuja, Ireland→Belfast (§2.4);
+  China→Taipei, Niger→Abuja, Ireland→Belfast;
 * answer targets carry a leading space (``" " + city``).
 """
 
@@ -50,7 +49,7 @@ class CapitalRow:
 
 @dataclass(frozen=True)
 class CapitalsWorld:
-    """Rows in file order plus an alias → canonical-country map (factual_recall.md §2.1)."""
+    """Rows in file order plus an alias → canonical-country map (Yu et al. 2023, Sec. 3)."""
 
     rows: tuple[CapitalRow, ...]
     aliases: dict[str, str] = field(default_factory=dict)
@@ -67,7 +66,7 @@ class CapitalsWorld:
     def mem_set(self, country: str) -> frozenset[str]:
         """Capitals of every row whose country equals ``country`` exactly (after alias map).
 
-        Exact match (factual_recall.md §2.4): China → {Beijing}, Niger → {Niamey},
+        Exact match (the official code's substring lookup is a bug): China → {Beijing}, Niger → {Niamey},
         Bolivia → {Sucre, La Paz}. Raises ``DataError`` for an unknown country.
         """
         name = self.canonical(country)
@@ -125,7 +124,7 @@ def load_capitals(path: str | Path | None = None) -> CapitalsWorld:
 
 
 def classify_continuation(text: str, mem_targets, ic_target: str) -> str:
-    """The paper's generation scoring rule (factual_recall.md §3.1; official scripts).
+    """The paper's generation scoring rule (Yu et al. 2023, Sec. 3; official scripts).
 
     ``text`` is the decoded continuation (new tokens only). It is cut at the first ``"Q:"``;
     then ``"memorized"`` if any memorized target is a substring, else ``"in_context"`` if the

@@ -24,7 +24,7 @@ __all__ = ["CounterfactualPrompt", "counterfactual_prompts", "closed_book_prompt
 
 @dataclass(frozen=True)
 class CounterfactualPrompt:
-    """One counterfactual prompt (factual_recall.md §2.2-2.3).
+    """One counterfactual prompt (Yu et al. 2023, Sec. 3).
 
     Attributes:
         text: the filled template (no trailing space).
@@ -37,7 +37,7 @@ class CounterfactualPrompt:
         ic_country: the country whose capital the in-context city is (first row listing it).
         overlap: a target is a substring of another target or of the country name (Singapore/
             Singapore, Tunisia/Tunis), so a restatement of the question can be scored as an
-            answer (factual_recall.md §3.1 [D]); kept, flagged.
+            answer; kept, flagged (a preflens flag, not in the paper).
     """
 
     text: str
@@ -88,7 +88,7 @@ def counterfactual_prompts(
     world: CapitalsWorld | None = None,
     aliases: bool = True,
 ) -> list[CounterfactualPrompt]:
-    """Counterfactual prompts, all pairs by row index (factual_recall.md §2.2, official code).
+    """Counterfactual prompts, all pairs by row index (Yu et al. 2023, Sec. 3 and the official code).
 
     For each base country (``countries``, default: every distinct country in file order, then
     every alias when ``aliases``), the in-context cities are the capitals of every row j that is
@@ -155,7 +155,7 @@ def closed_book_prompts(
     template: str = CLOSED_BOOK_TEMPLATE,
     world: CapitalsWorld | None = None,
 ) -> list[CounterfactualPrompt]:
-    """Closed-book control prompts (factual_recall.md §2.3 [D]): no in-context city
+    """Closed-book control prompts (a preflens control, not in the paper): no in-context city
     (``in_context == ""``), so a continuation is ``memorized`` or ``neither``."""
     world = world if world is not None else load_capitals()
     out = []

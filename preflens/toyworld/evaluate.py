@@ -2,7 +2,7 @@
 
 Metrics (all greedy, no BOS, 16 new tokens, continuation cut at EOS, scored with
 :func:`preflens.data.capitals.classify_continuation` — the rule of Yu, Merullo & Pavlick 2023,
-factual_recall.md §3.1):
+Sec. 3):
 
 * ``closed_book`` — ``CLOSED_BOOK_TEMPLATE`` per real country; correct iff the true capital
   (``" " + capital``) appears before the first ``"Q:"``. Overall, on the most frequent half
@@ -11,7 +11,7 @@ factual_recall.md §3.1):
   seeded pairs); correct iff the stated city appears.
 * ``counterfactual`` — ``PAPER_TEMPLATE`` with a real country and another country's capital
   (all N·(N−1) pairs, or a fixed subset); rates of in_context / memorized / neither overall and
-  by decile of the query country's training fact count (``abs_icl_country``, §4.1: edges at the
+  by decile of the query country's training fact count (``abs_icl_country``, Yu et al. 2023 Sec. 4: edges at the
   0,10,…,100th percentiles of the per-prompt values, half-open bins, last closed).
 * ``yesno`` — "Q: Is the capital of {country} {city}?\\nA:" with the true capital and with one
   seeded wrong capital per country; the model says yes iff logsumexp of the next-token logits

@@ -135,6 +135,7 @@ def test_scaling_sweep_rows(tiny):
 
 
 # --------------------------------------------------------------------------- toyworld
+@pytest.mark.slow
 def test_toyworld_negative_memory_head_scaling_raises_in_context():
     """The paper's protocol (§5.3.4, §6.2) on disjoint seeded prompt sets: memory heads = top-3
     most negative mean DLA on a tuning set; (head, negative alpha) chosen by the tuning set's

@@ -47,6 +47,7 @@ def _pairs() -> list[PreferencePair]:
             for i in range(11)]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path):
     script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
     script.write_text(WORKER)

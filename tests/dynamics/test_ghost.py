@@ -177,6 +177,7 @@ def test_ghost_rejects_unsupported_parameters(tiny64):
         pair_gradient_stats(lm, PAIRS[:1], params=["transformer.extra"])
 
 
+@pytest.mark.slow
 def test_ghost_equals_exact_fp32_gpt2_small_random(gpt2_random):
     """Spec target: ≤ 1e-4 relative error in fp32 (2 short pairs: exact grads are 124M floats)."""
     pairs = [PAIRS[0], PreferencePair("Yes", " No", " Maybe")]

@@ -229,6 +229,7 @@ def test_reproduce_out_under_a_regular_file(env, capsys):
     _assert_one_line_error(rc, err, "--out: cannot create output directories", "a_file.txt/o")
 
 
+@pytest.mark.slow
 def test_subprocess_error_is_exactly_one_stderr_line(env, tmp_path):
     """The real console script: stderr is exactly the one error line (no log noise, no traceback)."""
     for argv, want in ((_train_argv(env["good"], tmp_path / "run", steps=("--steps", "0")),

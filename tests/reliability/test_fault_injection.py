@@ -187,6 +187,7 @@ def reference(tmp_path_factory):
     return out, stdout
 
 
+@pytest.mark.slow
 def test_sigkill_at_six_points_then_resume_is_bit_identical(tmp_path, reference):
     ref_out, ref_stdout = reference
     run = Runner(tmp_path)
@@ -229,6 +230,7 @@ def test_sigkill_at_six_points_then_resume_is_bit_identical(tmp_path, reference)
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_through_the_cli(tmp_path, reference):
     ref_out, ref_stdout = reference
     run = Runner(tmp_path)

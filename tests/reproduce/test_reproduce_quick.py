@@ -73,6 +73,7 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paper", list(EXPECTED))
 def test_quick_reproduction_outputs(quick_run, paper):
     spec = EXPECTED[paper]
@@ -102,6 +103,7 @@ def test_quick_reproduction_outputs(quick_run, paper):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_steps(quick_run, capsys):
     """A second run finds every step cached and rewrites identical results."""
     before = (quick_run / "results" / "factual_recall.json").read_text()

@@ -7,7 +7,7 @@ GPT-2's byte-level decoder, so ``decode(encode(text)) == text`` for in-vocabular
 byte-level BPE:
 
 * every country and city word is a single token, so " Paris" (leading space, as the factual-
-  recall targets are written) is one id — the first-token DLA of the factual-recall spec (§5.2)
+  recall targets are written) is one id — the first-token DLA of Yu et al. 2023 (Sec. 5)
   then sees the whole city, and similar-token preference pairs (" No" vs " Never") are single
   tokens by construction;
 * the closed world has ~2 k distinct pieces, so the vocabulary stays small (embeddings are a
