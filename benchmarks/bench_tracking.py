@@ -7,8 +7,8 @@ step, ``--steps`` steps, fp32; tracking: a seeded probe sample of ``--track-n`` 
 (one shared scoring pass for ranking / displacement / CHES), ghost gradients of the first
 ``--ghost-n`` of them, DLA through a compatibility-mode bridge over a copy of the model at each
 record. Each configuration runs ``--repeat`` times, alternating, and the minimum wall time of each
-(reference log-probs included, the same in both) is compared; per-lens recording seconds of the
-fastest tracked run are printed too.
+(reference log-probs included, the same in both) is compared, and so is the process CPU time
+(steadier on a shared machine); per-lens recording seconds of the fastest tracked run are printed.
 
     python benchmarks/bench_tracking.py                 # CPU, the README configuration
     python benchmarks/bench_tracking.py --device cuda
@@ -36,12 +36,12 @@ def _run(lm0, pairs, args, lenses):
     trackers = build_trackers(lm, pairs, lenses, every=args.track_every, n=args.track_n, seed=0, loss="dpo",
                               loss_kwargs={"beta": 0.1}, ghost_n=args.ghost_n) if lenses else []
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="adamw", lr=1e-4,
                          steps=args.steps, batch_size=args.batch_size, seed=0, callbacks=trackers, out_dir=out,
                          device=args.device)
-        seconds = time.perf_counter() - t0
-    return seconds, {t.name: t.seconds for t in trackers}
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, cpu, {t.name: t.seconds for t in trackers}
 
 
 def main() -> None:
@@ -66,24 +66,30 @@ def main() -> None:
     lenses = parse_lenses(args.lenses)
     lm = load_model("toyworld", device=args.device)
     pairs = multi_token_pairs(toyworld_world(), args.pairs, seed=0)
-    plain, tracked, per_lens = [], [], {}
+    plain, tracked, plain_cpu, tracked_cpu, per_lens = [], [], [], [], {}
     for _ in range(args.repeat):
-        plain.append(_run(lm, pairs, args, [])[0])
-        sec, lens_sec = _run(lm, pairs, args, lenses)
+        sec, cpu, _ = _run(lm, pairs, args, [])
+        plain.append(sec)
+        plain_cpu.append(cpu)
+        sec, cpu, lens_sec = _run(lm, pairs, args, lenses)
         if not tracked or sec < min(tracked):
             per_lens = lens_sec
         tracked.append(sec)
+        tracked_cpu.append(cpu)
     base, with_tracking = min(plain), min(tracked)
     ratio = with_tracking / base
+    cpu_ratio = min(tracked_cpu) / min(plain_cpu)
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, device {args.device}",
-        "config": vars(args), "untracked_s": plain, "tracked_s": tracked,
-        "ratio": ratio, "extra_percent": 100 * (ratio - 1), "per_lens_s": per_lens,
+        "config": vars(args), "untracked_s": plain, "tracked_s": tracked, "untracked_cpu_s": plain_cpu,
+        "tracked_cpu_s": tracked_cpu, "ratio": ratio, "cpu_time_ratio": cpu_ratio, "extra_percent": 100 * (ratio - 1), "per_lens_s": per_lens,
         "records": args.steps // args.track_every + 1,
     }
     print(f"untracked {base:.2f} s, tracked {with_tracking:.2f} s over {args.steps} steps: "
           f"ratio {ratio:.3f} ({100 * (ratio - 1):+.1f} %; target <= +25 %)")
+    print(f"CPU time (process): untracked {min(plain_cpu):.2f} s, tracked {min(tracked_cpu):.2f} s: ratio "
+          f"{cpu_ratio:.3f} (less sensitive to other load on the machine)")
     print("recording seconds per lens: " + ", ".join(f"{k} {v:.2f}" for k, v in per_lens.items()))
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -72,7 +72,8 @@ class EntanglementTracker(Tracker):
             self.ref = [tensor_list(s.u_w), tensor_list(s.u_l)]
         k = self.ghost_n
         sub = self.probes.pairs[:k]
-        st = pair_gradient_stats(lm, sub, method="ghost", batch_size=self.ghost_batch_size, params=self.params)
+        with torch.enable_grad():  # a loop may call callbacks under no_grad
+            st = pair_gradient_stats(lm, sub, method="ghost", batch_size=self.ghost_batch_size, params=self.params)
         refs = {}
         if self.spec.uses_reference:
             refs = dict(u_ref_w=torch.tensor(self.ref[0][:k], dtype=torch.float64),

@@ -39,7 +39,8 @@ def test_entanglement_tracker_matches_direct_stats_and_leaves_grads(tiny, tmp_pa
     (-sum(p.float().pow(2).sum() for p in lm.model.parameters()) * 1e-3).backward()
     opt.step()
     grads = {n: p.grad.clone() for n, p in lm.model.named_parameters()}
-    row = tr.on_step(_state(lm, 1, tmp_path))
+    with torch.no_grad():  # a loop may call its callbacks under no_grad
+        row = tr.on_step(_state(lm, 1, tmp_path))
     for n, p in lm.model.named_parameters():  # autograd.grad only: .grad untouched
         assert torch.equal(p.grad, grads[n]), n
     st = pair_gradient_stats(lm, pairs[:6], batch_size=16)
