@@ -146,7 +146,8 @@ PANELS = {
     "displacement": {
         "mean log π (summed)": [("chosen", "logp_chosen"), ("rejected", "logp_rejected")],
         "Δ log π since step 0": [("chosen", "delta_chosen"), ("rejected", "delta_rejected")],
-        "displacement of y⁺": [("peak-to-trough (nats)", "max_drop_logp"), ("fraction below step 0", "frac_chosen_down")],
+        "peak-to-trough fall of log π(y⁺) (nats)": [("mean over probes", "max_drop_logp")],
+        "probes with log π(y⁺) below step 0": [("fraction", "frac_chosen_down")],
         "single-token π(y⁺)": [("mean π(y⁺)", "single_prob_chosen"), ("peak-to-trough", "single_max_drop_prob")],
     },
     "ches": {
