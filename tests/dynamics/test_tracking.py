@@ -67,3 +67,172 @@ def test_entanglement_tracker_reference_free_loss_and_bad_ghost_n(tiny, tmp_path
 
     with pytest.raises(ConfigError, match="ghost_n"):
         EntanglementTracker(lm, _pairs(4), ghost_n=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# inside the real training loop
+# ----------------------------------------------------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from preflens.data import write_pairs  # noqa: E402
+from preflens.dynamics.train import train_preference  # noqa: E402
+from preflens.report import LENSES, build_trackers  # noqa: E402
+
+LOOP = dict(loss="dpo", loss_kwargs={"beta": 0.5}, optimizer="adamw", lr=3e-3, steps=6, batch_size=4, seed=3,
+            checkpoint_every=2)
+
+
+def _rows(path: Path, keep=lambda k: True) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s" and keep(k)}
+            for x in path.read_text().splitlines()]
+
+
+def test_tracked_run_trains_bit_identically_to_an_untracked_run(tiny, tmp_path):
+    pairs = _pairs(12)
+    plain = train_preference(copy.deepcopy(tiny), pairs, out_dir=tmp_path / "plain", **LOOP)
+    lm = copy.deepcopy(tiny)
+    trackers = build_trackers(lm, pairs, LENSES, every=2, n=8, ghost_n=4, loss="dpo", loss_kwargs={"beta": 0.5})
+    tracked = train_preference(lm, pairs, out_dir=tmp_path / "tracked", callbacks=trackers, **LOOP)
+    untracked_keys = lambda k: not k.startswith("tracked/")  # noqa: E731
+    assert _rows(tracked.metrics_path, untracked_keys) == _rows(plain.metrics_path)
+    rows = _rows(tracked.metrics_path)
+    assert [("tracked/ranking/accuracy" in r) for r in rows] == [False, True, False, True, False, True]
+    for lens in LENSES:
+        recs = [json.loads(x) for x in (tmp_path / "tracked" / "tracked" / f"{lens}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == [0, 2, 4, 6], lens
+        assert recs[-1]["metrics"] == {k.split("/", 2)[2]: v for k, v in rows[-1].items()
+                                       if k.startswith(f"tracked/{lens}/")}
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r.checkpoint_path / "model.safetensors")) for r in (plain, tracked))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_WORKER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from preflens.data import read_pairs
+from preflens.dynamics.train import train_preference
+from preflens.models import load_model
+from preflens.report import LENSES, build_trackers
+
+data, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+lm = load_model("tiny-random", device="cpu")
+pairs = read_pairs(data)
+trackers = build_trackers(lm, pairs, LENSES, every=2, n=8, ghost_n=4, loss="dpo", loss_kwargs={"beta": 0.5})
+train_preference(lm, pairs, out_dir=out, callbacks=trackers, **config)
+"""
+
+
+@pytest.mark.slow
+def test_trackers_under_two_process_ddp_record_once_on_rank_0(tmp_path):
+    script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
+    script.write_text(DDP_WORKER)
+    write_pairs(data, _pairs(12))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(data), str(tmp_path / "ddp"), json.dumps(dict(LOOP, optimizer="sgd", lr=0.05))]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
+        _, stderr = proc.communicate()
+        pytest.fail(f"2-process DDP run with trackers timed out (deadlock?):\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = _rows(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(any(k.startswith(f"tracked/{lens}/") for k in rows[1]) for lens in LENSES)
+    for lens in LENSES:  # one record per step: only rank 0 wrote
+        steps = [json.loads(x)["step"] for x in (tmp_path / "ddp" / "tracked" / f"{lens}.jsonl").read_text().splitlines()]
+        assert steps == [0, 2, 4, 6], lens
+
+
+RESUME_WORKER = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from preflens.data import read_pairs
+from preflens.dynamics.train import train_preference
+from preflens.models import load_model
+from preflens.report import LENSES, build_trackers
+
+data, out, config = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+stall_at = int(os.environ.get("STALL_AT_STEP", "0"))
+
+class Stall:
+    name = "stall"
+    def on_step(self, state):  # after the trackers: their line for this step is already written
+        if state.step == stall_at:
+            (out / "stalled").write_text(str(state.step))
+            time.sleep(600)
+
+lm = load_model("toyworld", device="cpu")
+pairs = read_pairs(data)
+trackers = build_trackers(lm, pairs, LENSES, every=1, n=6, ghost_n=3, loss="dpo", loss_kwargs={"beta": 0.5})
+train_preference(lm, pairs, out_dir=out, callbacks=[*trackers, Stall()], **config)
+(out / "done").write_text("ok")
+"""
+
+
+def _launch(tmp_path, data, out, **env):
+    script = tmp_path / "resume_worker.py"
+    script.write_text(RESUME_WORKER)
+    return subprocess.Popen([sys.executable, str(script), str(data), str(out), json.dumps(RESUME)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+RESUME = dict(LOOP, steps=6, checkpoint_every=2)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_tracked_run_is_bit_identical_and_reports(tmp_path):
+    from preflens.cli import main
+    from preflens.data.toyworld.prefs import multi_token_pairs
+    from preflens.models import load_model
+    from preflens.reproduce.common import toyworld_world
+
+    pairs = multi_token_pairs(toyworld_world(), 16, seed=0)
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, pairs)
+    # the uninterrupted reference, in this process (1 thread, as the workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lm = load_model("toyworld", device="cpu")
+        trackers = build_trackers(lm, pairs, LENSES, every=1, n=6, ghost_n=3, loss="dpo", loss_kwargs={"beta": 0.5})
+        train_preference(lm, pairs, out_dir=tmp_path / "ref", callbacks=trackers, **RESUME)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, data, out, STALL_AT_STEP="5")  # checkpoint at 4; step 5 tracked, not logged
+    deadline = time.monotonic() + 240
+    while not (out / "stalled").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "worker did not reach the kill point"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert json.loads((out / "tracked" / "ranking.jsonl").read_text().splitlines()[-1])["step"] == 5
+    proc = _launch(tmp_path, data, out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert (out / "done").exists()
+    assert _rows(out / "metrics.jsonl") == _rows(tmp_path / "ref" / "metrics.jsonl")
+    assert any(k.startswith("tracked/dla/") for k in _rows(out / "metrics.jsonl")[-1])
+    for lens in LENSES:
+        a = (out / "tracked" / f"{lens}.jsonl").read_text()
+        assert a == (tmp_path / "ref" / "tracked" / f"{lens}.jsonl").read_text(), lens
+        assert [json.loads(x)["step"] for x in a.splitlines()] == list(range(7))
+    assert main(["report", str(out)]) == 0
+    assert {p.stem for p in (out / "figures").glob("*.png")} == {"training", *LENSES}
+    assert "## Lens: dla" in (out / "report.md").read_text()
