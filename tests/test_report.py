@@ -148,3 +148,26 @@ def test_saved_state_of_other_probes_is_refused(tiny):
     RankingTracker(tiny, _pairs(6)).load_state_dict(saved)
     with pytest.raises(ConfigError, match="other probe pairs"):
         RankingTracker(tiny, _pairs(7)).load_state_dict(saved)
+
+
+@pytest.mark.slow
+def test_cli_tracked_training_run_then_report(tmp_path, capsys):
+    from preflens.cli import main
+    from preflens.data import write_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, _pairs(12))
+    out = tmp_path / "run"
+    base = ["train", "--model", "tiny-random", "--data", str(data), "--lr", "1e-3", "--steps", "4",
+            "--batch-size", "4", "--out", str(out), "--no-progress", "--no-save-model", "--device", "cpu"]
+    assert main([*base, "--track", "chess"]) == 2
+    assert "--track: unknown lens 'chess'" in capsys.readouterr().err
+    assert main([*base, "--track", "ranking", "--track-every", "0"]) == 2
+    assert "--track-every: must be an integer >= 1" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    assert main([*base, "--track", "all", "--track-every", "2", "--track-n", "6", "--report-to", "tensorboard"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(any(k.startswith(f"tracked/{lens}/") for k in rows[1]) for lens in LENSES)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert main(["report", str(out)]) == 0
+    assert {p.stem for p in (out / "figures").glob("*.png")} == {"training", *LENSES}

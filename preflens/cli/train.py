@@ -138,6 +138,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
                    help="save the final model to OUT/final-model (default on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    track = p.add_argument_group("tracking every lens during training (`preflens report OUT` draws them)")
+    track.add_argument("--track", default=None, metavar="LENSES",
+                       help="lenses recorded during training, comma-separated: ranking, displacement, ches, "
+                            "entanglement, dla, or all (metrics.jsonl tracked/<lens>/*, OUT/tracked/<lens>.jsonl)")
+    track.add_argument("--track-every", type=int, default=10, help="record every N steps (and at the start and end)")
+    track.add_argument("--track-data", default=None,
+                       help="JSONL probe pairs (default: a fixed seeded sample of --data)")
+    track.add_argument("--track-n", type=int, default=32, help="probe pairs sampled, with --seed (default 32)")
+    track.add_argument("--report-to", default="none",
+                       help="also mirror each metrics row to: none (default), tensorboard (OUT/tensorboard), "
+                            "wandb (offline, OUT/wandb); needs pip install 'preflens[track]'")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a hub model / directory run its own Python code (default off)")
     p.set_defaults(func=run_train, option_flags=_OPTION_FLAGS)
@@ -216,6 +227,12 @@ def run_train(args) -> int:
         eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
         lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
         callbacks = [last] if args.no_progress or rank != 0 else [last, _Progress()]
+        from preflens.report import run_callbacks
+
+        callbacks += run_callbacks(lm, pairs, track=args.track, track_every=args.track_every,
+                                   track_data=args.track_data, track_n=args.track_n, seed=config.seed,
+                                   loss=config.loss, loss_kwargs=config.loss_kwargs, report_to=args.report_to,
+                                   config=config.to_dict())
         result = train_preference(lm, pairs, config, eval_pairs=eval_pairs, callbacks=callbacks, out_dir=args.out)
     except PreflensError as exc:
         raise _cli_error(exc, args) from None
