@@ -45,6 +45,7 @@ import torch
 from preflens.data.io import atomic_write_text
 from preflens.errors import ConfigError, DataError
 from preflens.scoring import CPU_MAX_TOKENS, collate, encode, final_hidden, length_buckets, target_logprobs
+from preflens.stats import spearman  # re-exported: trackers and their tests use it from here
 
 __all__ = [
     "TRACKED_DIR",
@@ -82,34 +83,6 @@ def sample_probe_pairs(pairs: Sequence, n: int, seed: int = 0) -> list:
         return pairs
     idx = sorted(random.Random(seed).sample(range(len(pairs)), n))
     return [pairs[i] for i in idx]
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Tie-averaged ranks (1-based), float64."""
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    xs = x[order]
-    i, n = 0, x.numel()
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman's rho: Pearson correlation of tie-averaged ranks, float64; NaN with fewer than two
-    points or a constant input."""
-    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
-    y = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
-    if x.numel() != y.numel() or x.numel() < 2:
-        return math.nan
-    rx, ry = _ranks(x), _ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = float((rx @ rx) * (ry @ ry))
-    return float(rx @ ry) / math.sqrt(den) if den > 0 else math.nan
 
 
 def truncate_jsonl(path: str | Path, step: int) -> None:

@@ -14,12 +14,14 @@ distance), ``last_hidden`` (inner product at the EOS-predicting position), ``n_t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from preflens.probes.ches import ches_scores, edit_similarity_for_pairs, last_hidden_inner_product
 from preflens.scoring import response_hidden_states
+from preflens.stats import spearman
 
 NAME = "ches"
 KIND = "forward"
@@ -48,22 +50,10 @@ def score_chunk(lm, reference, pairs, opts: Options, batch_size: int) -> list[di
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Spearman rank correlation (average ranks for ties); None when a side is constant."""
-    def ranks(x):
-        order = torch.argsort(x, stable=True)
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=torch.float64)
-        for v in torch.unique(x):            # average ranks of tied values
-            m = x == v
-            if int(m.sum()) > 1:
-                r[m] = r[m].mean()
-        return r
-    if len(a) < 2:
-        return None
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = (ra.norm() * rb.norm())
-    return float((ra @ rb) / den) if float(den) > 0 else None
+    """:func:`preflens.stats.spearman` (average ranks for ties); None when undefined (a constant
+    side or fewer than two points)."""
+    rho = spearman(a, b)
+    return None if math.isnan(rho) else rho
 
 
 def summarize(rows, opts: Options, has_reference: bool) -> dict:

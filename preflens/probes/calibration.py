@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
+from preflens.stats import average_ranks
 
 __all__ = ["CalibrationMetrics", "calibration_metrics", "expected_calibration_error",
            "RankCorrelations", "ranking_correlations", "spearman_rho", "kendall_tau_b"]
@@ -127,29 +128,13 @@ def calibration_metrics(model_logratio, share_1, *, share_2=None, eps: float = 1
 
 
 # --------------------------------------------------------------------------- rank correlations
-def _average_ranks(x: Tensor) -> Tensor:
-    """Ranks 1..n, ties get the mean of the ranks they span (ascending)."""
-    n = x.numel()
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty(n, dtype=torch.float64)
-    sx = x[order]
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
 def spearman_rho(x, y) -> float:
     """Spearman's ρ with average ranks for ties (Pearson r of the rank vectors); NaN if either
     side is constant."""
     a, b = _vec(x, "x"), _vec(y, "y")
     if a.shape != b.shape:
         raise DataError(f"shape {tuple(b.shape)} != {tuple(a.shape)}", field="y")
-    return _pearson(_average_ranks(a), _average_ranks(b))
+    return _pearson(average_ranks(a), average_ranks(b))
 
 
 def kendall_tau_b(x, y) -> float:
