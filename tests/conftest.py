@@ -64,3 +64,13 @@ def gpt2_random():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def capital_pairs(n: int = 10, *, yes_every: int = 3, no_every: int = 4, start: int = 0) -> list:
+    """The tests' standard preference pairs: ``Question i: the capital is`` with chosen
+    `` Paris`` + `` yes`` * (i % yes_every) and rejected `` Rome`` + `` no`` * (i % no_every), so
+    lengths vary and the first response token is shared within each side."""
+    from preflens.data import PreferencePair
+
+    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % yes_every)}",
+                           f" Rome{' no' * (i % no_every)}") for i in range(start, start + n)]

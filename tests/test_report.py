@@ -9,14 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preflens.data import PreferencePair
 from preflens.errors import ConfigError, DataError
 from preflens.report import LENSES, MetricsMirror, build_trackers, load_run, parse_lenses, write_report
+from tests.conftest import capital_pairs
 
 
 def _pairs(n=12):
-    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 3)}",
-                           f" Rome{' no' * (i % 4)}") for i in range(n)]
+    return capital_pairs(n)
 
 
 def _state(lm, step, out_dir, metrics=None, total=4):

@@ -16,6 +16,7 @@ import sys
 
 from preflens.errors import ConfigError, PreflensError
 from preflens.models import DEFAULT_MODEL
+from preflens.quiet import quiet
 
 __all__ = ["main", "build_parser", "DEFAULT_MODEL", "flag_for", "to_cli_error"]
 
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     try:
         if getattr(args, "no_progress", False):  # also transformers' "Loading weights" bars
-            from preflens.quiet import quiet
-
             with quiet():
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)

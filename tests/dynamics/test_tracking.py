@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preflens.data import PreferencePair
 from preflens.dynamics.entanglement import CASES, case_counts, entanglement_case, pair_gradient_stats, predict_first_order
 from preflens.dynamics.trackers import EntanglementTracker
 from preflens.tracking import read_jsonl
+from tests.conftest import capital_pairs
 
 
-def _pairs(n=10):
-    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 3)}",
-                           f" Rome{' no' * (i % 4)}") for i in range(n)]
+_pairs = capital_pairs
 
 
 def _state(lm, step, out_dir, total=4):

@@ -19,11 +19,11 @@ from preflens.probes.ranking import ranking_correct
 from preflens.probes.trackers import ChesTracker, DisplacementTracker, RankingTracker
 from preflens.scoring import response_logprobs
 from preflens.tracking import ProbeSet, read_jsonl, sample_probe_pairs, spearman, truncate_jsonl
+from tests.conftest import capital_pairs
 
 
 def _pairs():
-    multi = [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 3)}",
-                            f" Rome{' no' * (i % 4)}") for i in range(1, 11)]
+    multi = capital_pairs(10, start=1)
     single = [PreferencePair(f"Is {i} the capital? Answer:", " Paris", " Rome") for i in range(3)]
     return multi + single
 

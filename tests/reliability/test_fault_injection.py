@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from preflens.data import PreferencePair, write_pairs
 from preflens.dynamics.checkpoint import list_checkpoints, truncate_metrics, verify_checkpoint
+from tests.conftest import capital_pairs
 
 SHIM = r'''
 import os, sys, time
@@ -95,8 +96,7 @@ STEPS, CKPT_EVERY = 8, 2
 
 
 def _pairs(n: int = 12) -> list[PreferencePair]:
-    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 4)}",
-                           f" Rome{' no' * (i % 3)}") for i in range(n)]
+    return capital_pairs(n, yes_every=4, no_every=3)
 
 
 def _argv(data: Path, out: Path) -> list[str]:

@@ -26,6 +26,7 @@ from preflens.errors import TrainingError
 from preflens.models import LM, OFFLINE_TOKENIZER_DIR
 from preflens.probes.ches import ches_for_pairs, ches_scores
 from preflens.scoring import encode, response_hidden_states, response_logprobs
+from tests.conftest import capital_pairs
 
 WORDS = ["Paris", "Rome", "capital", "France", "Poland", "Warsaw", "annotator", "response", "bread",
          "model", "the", "of", "is", "yes", "no", "maybe", "quick", "brown", "fox"]
@@ -116,8 +117,7 @@ def test_logprobs_of_2000_token_responses_in_bf16(long_lm, long_pairs):
 
 
 def _pairs(n=8):
-    return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % 3)}", f" Rome{' no' * (i % 2)}")
-            for i in range(n)]
+    return capital_pairs(n, yes_every=3, no_every=2)
 
 
 class PoisonGradient:
