@@ -141,8 +141,7 @@ def test_toyworld_negative_memory_head_scaling_raises_in_context():
     most negative mean DLA on a tuning set; (head, negative alpha) chosen by the tuning set's
     in-context rate; on a held-out set that choice raises the in-context rate over alpha = 1."""
     for f in ("config.json", "world.json"):
-        if not (TOYWORLD_DIR / f).is_file():
-            pytest.skip(f"toyworld checkpoint not trained yet: {TOYWORLD_DIR / f} is missing")
+        assert (TOYWORLD_DIR / f).is_file(), f"the shipped toyworld checkpoint lacks {TOYWORLD_DIR / f}"
     from preflens.data.toyworld.world import load_world
 
     spec = load_world(TOYWORLD_DIR / "world.json")

@@ -187,10 +187,7 @@ def test_ghost_equals_exact_fp32_gpt2_small_random(gpt2_random):
 
 
 def test_ghost_equals_exact_fp32_toyworld():
-    try:
-        lm = load_model("toyworld", device="cpu")
-    except ModelError as exc:
-        pytest.skip(f"toyworld checkpoint not available: {exc}")
+    lm = load_model("toyworld", device="cpu")  # shipped: a load failure is a failure, not a skip
     # in-vocabulary text (decoding arbitrary word-level ids does not round-trip: unknown words)
     pairs = [PreferencePair("Q: What is the capital of France?\nA:", " Paris.",
                             " The capital of France is Warsaw."),

@@ -162,8 +162,7 @@ def test_lowest_fraction():
 # --------------------------------------------------------------------------- with a model
 @pytest.fixture(scope="module")
 def tiny():
-    models = pytest.importorskip("preflens.models")
-    pytest.importorskip("preflens.scoring")
+    import preflens.models as models
     from preflens.data import PreferencePair
 
     lm = models.load_model("tiny-random", dtype=torch.float32)

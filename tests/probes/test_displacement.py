@@ -322,8 +322,8 @@ def test_top_gaining_tokens_and_overlap():
 
 # --------------------------------------------------------------------------- tracker on tiny-random
 def test_tracker_records_scoring_logprobs():
-    models = pytest.importorskip("preflens.models")
-    scoring = pytest.importorskip("preflens.scoring")
+    import preflens.models as models
+    import preflens.scoring as scoring
     from preflens.data import PreferencePair
 
     lm = models.load_model("tiny-random")
