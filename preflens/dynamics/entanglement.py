@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from preflens.dynamics.ghost import GhostCapture, select_parameters, summed_token_logprobs
 from preflens.errors import ConfigError
-from preflens.scoring import Encoded, collate, encode_pairs, final_hidden, logit_head
+from preflens.scoring import Encoded, collate, encode_pairs, eval_mode, final_hidden, logit_head
 
 __all__ = [
     "GradientStats",
@@ -144,17 +143,6 @@ def _encode_pairs(lm, pairs, add_eos: bool) -> tuple[list[Encoded], list[Encoded
     return list(enc.chosen), list(enc.rejected)
 
 
-@contextmanager
-def _eval_mode(model):
-    """Eval mode (no dropout) inside, the previous mode restored on exit."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
 def _ghost_pair_dots(model, enc_w, enc_l, pad_id, selected, batch_size, cross=True):
     """(ip, n_w², n_l², u_w, u_l) float64 [n] via one forward + backward per batch of pairs."""
     out = {k: [] for k in ("ip", "nw", "nl", "uw", "ul")}
@@ -255,7 +243,7 @@ def encoded_gradient_stats(
         raise ConfigError("encoded_chosen", "need equally many (≥ 1) chosen and rejected responses")
     enc_w, enc_l = list(encoded_chosen), list(encoded_rejected)
     selected = select_parameters(model, params, include_layernorm=include_layernorm)
-    with _eval_mode(model):
+    with eval_mode(model):
         if method == "ghost":
             ip, nw, nl, uw, ul = _ghost_pair_dots(model, enc_w, enc_l, pad_id, selected, batch_size)
         else:
@@ -283,7 +271,7 @@ def pair_gradient_norms(
     if len(encoded_chosen) != len(encoded_rejected) or not encoded_chosen:
         raise ConfigError("encoded_chosen", "need equally many (≥ 1) chosen and rejected responses")
     selected = select_parameters(model, params, include_layernorm=include_layernorm)
-    with _eval_mode(model):
+    with eval_mode(model):
         _, nw, nl, _, _ = _ghost_pair_dots(model, list(encoded_chosen), list(encoded_rejected),
                                            pad_id, selected, len(encoded_chosen), cross=False)
     return nw.sqrt(), nl.sqrt()
@@ -303,7 +291,7 @@ def cross_pair_gram(lm, pairs: Sequence, *, params=None, include_layernorm: bool
     enc_w, enc_l = _encode_pairs(lm, pairs, True)
     selected = select_parameters(model, params, include_layernorm=include_layernorm)
     cap = GhostCapture(model, selected)
-    with _eval_mode(model):
+    with eval_mode(model):
         cap.run(collate(enc_w + enc_l, pad_id=lm.pad_id, device=lm.device))
         n2 = 2 * len(enc_w)
         with torch.no_grad():
@@ -419,7 +407,7 @@ def token_gradient_similarity(lm, pair, *, params=None, include_layernorm: bool 
     model = lm.model
     enc_w, enc_l = _encode_pairs(lm, [pair], True)
     selected = list(select_parameters(model, params, include_layernorm=include_layernorm).values())
-    with _eval_mode(model):
+    with eval_mode(model):
         batch = collate(enc_w + enc_l, pad_id=lm.pad_id, device=lm.device)
         lp = summed_token_logprobs(model, batch)
         mask = batch.response_mask
@@ -473,7 +461,7 @@ def last_layer_factorization(lm, pair) -> LastLayerFactorization:
     model = lm.model
     enc_w, enc_l = _encode_pairs(lm, [pair], True)
     head, lhead = model.get_output_embeddings(), logit_head(model)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         batch = collate(enc_w + enc_l, pad_id=lm.pad_id, device=lm.device)
         hidden = final_hidden(model, batch).double()
         mask = batch.response_mask

@@ -30,9 +30,9 @@ import torch
 
 from preflens.data.capitals import CLOSED_BOOK_TEMPLATE, PAPER_TEMPLATE, classify_continuation
 from preflens.data.toyworld.world import load_world
-from preflens._torchutil import eval_mode
 from preflens.errors import ModelError
 from preflens.generation import greedy_decode, hf_forward, last_logits
+from preflens.scoring import eval_mode
 from preflens.stats import label_rates, percentile_bins
 
 __all__ = ["evaluate_toyworld", "greedy_continuations"]

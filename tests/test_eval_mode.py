@@ -1,11 +1,11 @@
-"""preflens._torchutil.eval_mode restores the train/eval flag, also on error."""
+"""preflens.scoring.eval_mode restores the train/eval flag, also on error."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from preflens._torchutil import eval_mode
+from preflens.scoring import eval_mode
 
 
 @pytest.mark.parametrize("was_training", [True, False])
