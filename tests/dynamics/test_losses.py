@@ -448,3 +448,23 @@ def test_deprecated_keyword_names_still_work():
     with pytest.raises(ConfigError):
         compute_loss("dpo", x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"],
                      x["ref_rejected_logps"], u_ref_w=x["ref_chosen_logps"])
+
+
+def test_losses_equal_to_trl_per_pair():
+    # DPOTrainer (reverse KL): delta_score = chosen_logratios - rejected_logratios;
+    # "sigmoid" -logsigmoid(beta*delta), "hinge" relu(1 - beta*delta), "ipo" on token-averaged
+    # log-ratios; CPOTrainer "simpo" on mean log-probs with gamma/beta subtracted.
+    b = _token_batch(5)
+    u_w, u_l, L_w, L_l = _sums(b)
+    beta, tau, gamma = 0.3, 0.2, 0.5
+    rw, rl = u_w - b["ref_w"], u_l - b["ref_l"]
+    delta = rw - rl
+    F_ = torch.nn.functional
+    args = (u_w, u_l, b["ref_w"], b["ref_l"], L_w, L_l)
+    torch.testing.assert_close(compute_loss("dpo", *args, beta=beta), -F_.logsigmoid(beta * delta))
+    torch.testing.assert_close(compute_loss("hinge", *args, beta=beta), torch.relu(1 - beta * delta))
+    torch.testing.assert_close(compute_loss("ipo_mean", *args, tau=tau),
+                               (rw / L_w - rl / L_l - 1 / (2 * tau)) ** 2)
+    logits = (u_w / L_w - u_l / L_l) - gamma / beta
+    torch.testing.assert_close(compute_loss("simpo", u_w, u_l, None, None, L_w, L_l, beta=beta, gamma=gamma),
+                               -F_.logsigmoid(beta * logits))
