@@ -1,10 +1,11 @@
 """Per-head direct logit attribution (DLA) of the in-context vs memorized answer.
 
 Source: Yu, Merullo, Pavlick, "Characterizing Mechanisms for Factual Recall in Language Models",
-EMNLP 2023 (arXiv 2310.15910), Sec. 5 / Fig. 4; spec ``shared/research/factual_recall.md`` §5
-and the TransformerLens 4.x recipe of ``shared/research/ecosystem.md`` §1.4-1.5.
+EMNLP 2023 (arXiv 2310.15910), Sec. 5 / Fig. 4; direct logit attribution as in Elhage et al.
+2021, "A Mathematical Framework for Transformer Circuits" (the residual stream is a sum of
+component outputs, so the logits are too, up to the final norm's scale).
 
-Definition (§5.1). For prompt n, position T (default the last prompt token, the ":" of "A:"),
+Definition. For prompt n, position T (default the last prompt token, the ":" of "A:"),
 head (l, h) and the first sub-tokens ``t_ic``, ``t_mem`` of ``" " + city``:
 
     r = z[l, h, T] @ W_O[l, h]                       (no b_O)
@@ -14,15 +15,31 @@ head (l, h) and the first sub-tokens ``t_ic``, ``t_mem`` of ``" " + city``:
 with W_U LN-folded and centred (a **compatibility-mode** bridge: raw-mode ``logit_attrs`` ignores
 the ln_final weight and bias and is silently wrong). Positive = promotes the in-context answer.
 Each prompt is dotted with **its own** direction (the official code summed the batch's
-directions, §5.3.1). Invariant: the attributions of all components (embeddings, heads, biases,
-MLPs) plus ``b_U[t_ic] - b_U[t_mem]`` equal ``logit[t_ic] - logit[t_mem]`` at T.
+directions). Invariant: the attributions of all components (embeddings, heads, biases, MLPs)
+plus ``b_U[t_ic] - b_U[t_mem]`` equal the **pre-cap** logit difference at T.
+
+What a head's DLA contains. ``z`` is computed from value vectors *without* their bias: in
+compatibility mode TransformerLens folds the value bias b_V, and the part of the ln1 bias that
+W_V carries (b_ln · W_V), into b_O (``fold_value_biases``; the attention pattern sums to 1, so
+they contribute b_V · W_O whatever the pattern). Both therefore appear in the ``bias`` component,
+not in any head, exactly as TransformerLens' own decomposition.
+
+Families. Gemma 2/3 normalize each block's attention and MLP output before the residual add
+(post-norms), which the component decomposition does not model: DLA raises ModelError there
+(checked on the first batch, not assumed). Under grouped-query attention (Llama, Mistral, Qwen2, Gemma 2) ``hook_z`` has one
+slot per *query* head (a KV head's values are shared, but each query head mixes them with its
+own pattern), so heads are ``n_heads`` query heads per layer. With final-logit soft-capping
+(logits = c·tanh(z/c)) the decomposition is linear only before the cap: DLA and
+``LogitDecomposition.logit_diff`` are **pre-cap** logit differences (the order of tokens, and so
+the memorized token picked, is the same before and after the cap).
 
 When a country has several memorized capitals (Bolivia), ``t_mem`` is the memorized first token
 with the highest logit at T in the same forward pass (as in
 :func:`~preflens.attribution.recall.answer_logit_diff`).
 
 Batching: prompts are grouped by token length, so batches need no padding and position T is a
-real token of every row; no BOS.
+real token of every row. BOS is prepended exactly when the model's tokenizer adds it
+(:func:`preflens.scoring.bos_prefix`); ``position`` counts prompt tokens (a BOS is not one).
 """
 
 from __future__ import annotations
@@ -34,12 +51,13 @@ from dataclasses import dataclass
 
 import torch
 
-from preflens.attribution.recall import first_token_ids
+from preflens.attribution.recall import bridge_bos, first_token_ids
 from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError, DataError, ModelError
 
 __all__ = [
     "LogitDecomposition",
+    "resolve_bridge",
     "compat_bridge",
     "logit_decomposition",
     "head_logit_attribution",
@@ -51,15 +69,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LogitDecomposition:
-    """Direct contributions to ``logit[t_ic] - logit[t_mem]`` at one position, per prompt.
+    """Direct contributions to the pre-cap ``logit[t_ic] - logit[t_mem]`` at one position.
 
     Attributes:
         components: ``[C, n]`` float32, one row per component named in ``labels``
-            (``L{l}H{h}`` heads, ``{l}_mlp_out``, ``embed``, ``pos_embed``, ``bias`` = summed
-            attention/MLP output biases), each after the frozen ln_final.
+            (``L{l}H{h}`` query heads, ``{l}_mlp_out``, ``embed``, ``pos_embed``, ``bias`` = summed
+            attention/MLP output biases incl. the folded value biases), after the frozen ln_final.
         labels: ``C`` component names (TransformerLens ``get_full_resid_decomposition`` order).
         unembed_bias: ``[n]`` ``b_U[t_ic] - b_U[t_mem]``.
-        logit_diff: ``[n]`` the model's ``logit[t_ic] - logit[t_mem]`` from the same forward.
+        logit_diff: ``[n]`` the model's pre-cap logit difference from the same forward (equal to
+            the logit difference for a model without soft-capping).
         ic_ids, mem_ids: ``[n]`` the token ids used.
     """
 
@@ -74,28 +93,84 @@ class LogitDecomposition:
         """``[n]`` sum of all components plus the unembedding-bias term."""
         return self.components.sum(0) + self.unembed_bias
 
+    def __repr__(self) -> str:
+        err = float((self.total() - self.logit_diff).abs().max()) if self.logit_diff.numel() else 0.0
+        return (f"LogitDecomposition(components={tuple(self.components.shape)}, "
+                f"n_prompts={self.logit_diff.numel()}, max |total - logit_diff|={err:.2g})")
 
-def compat_bridge(lm_or_bridge):
-    """A compatibility-mode bridge: built from an :class:`~preflens.models.LM`, or checked.
+
+def resolve_bridge(lm=None, *, bridge=None, require_compat: bool = True):
+    """The bridge a head lens runs on -- the one compatibility check of this package.
+
+    ``bridge`` when given, else ``lm.bridge(compat=True)``. For the older call form a bridge
+    passed in place of ``lm`` is accepted.
 
     Raises:
-        ModelError: a bridge not in compatibility mode (DLA would be wrong, ecosystem.md §1.5).
+        ModelError: ``require_compat`` and the bridge is not in compatibility mode (DLA would
+            ignore the ln_final weight and bias), or its BOS setting differs from ``lm``'s
+            tokenizer (it would score other token sequences than preflens).
+        ConfigError: neither an LM nor a bridge given.
     """
     from preflens.models import LM
+    from preflens.scoring import bos_prefix
 
-    if isinstance(lm_or_bridge, LM):
-        return lm_or_bridge.bridge(compat=True)
-    if not (getattr(lm_or_bridge, "compatibility_mode", False)
-            and getattr(lm_or_bridge, "_weights_processed", True)):
+    if bridge is None and lm is not None and not isinstance(lm, LM):
+        lm, bridge = None, lm  # older call form: the bridge first
+    if bridge is None:
+        if lm is None:
+            raise ConfigError("lm", "give an LM (or a compatibility-mode bridge as bridge=)")
+        return lm.bridge(compat=True)
+    if require_compat and not (getattr(bridge, "compatibility_mode", False)
+                               and getattr(bridge, "_weights_processed", True)):
         raise ModelError(
             "direct logit attribution needs a compatibility-mode bridge "
             "(lm.bridge(compat=True)); a raw bridge ignores the ln_final weight and bias")
-    return lm_or_bridge
+    if lm is not None:
+        want = bool(bos_prefix(lm.tokenizer))
+        if bool(getattr(bridge.cfg, "default_prepend_bos", True)) != want:
+            raise ModelError(
+                f"the bridge {'prepends' if not want else 'does not prepend'} BOS but the model's "
+                f"tokenizer {'does not add' if not want else 'adds'} one; build it with lm.bridge()")
+    return bridge
+
+
+def _check_linear(bridge, ids: torch.Tensor, pos: int) -> None:
+    """Refuse families whose direct decomposition is not exact (once per bridge).
+
+    Gemma 2/3 normalize each block's attention and MLP output (post-norms) before adding it to
+    the residual stream; TransformerLens' component decomposition does not include that norm, so
+    the components do not sum to the logits. Checked, not assumed: the sum of all components at
+    ``pos`` of one prompt must equal the pre-cap logits up to a per-position constant."""
+    if getattr(bridge, "_preflens_dla_linear", False):
+        return
+    _, cache = bridge.run_with_cache(ids[:1])
+    stack = cache.get_full_resid_decomposition(layer=-1, expand_neurons=False, apply_ln=False,
+                                               pos_slice=pos)  # [C, 1, d_model]
+    approx = cache.apply_ln_to_stack(stack.sum(0, keepdim=True), layer=-1, pos_slice=pos)[0, 0]
+    pre = (cache["ln_final.hook_out"][0, pos] @ bridge.W_U).double()
+    got = (approx @ bridge.W_U).double()
+    err = float(((got - got.mean()) - (pre - pre.mean())).abs().max())
+    if not err <= 1e-3 * max(1.0, float(pre.abs().max())):
+        arch = getattr(bridge.cfg, "architecture", None) or type(bridge.original_model).__name__
+        raise ModelError(
+            f"direct logit attribution is not exact for {arch}: its blocks normalize the "
+            f"attention/MLP outputs before adding them to the residual stream (post-norms), which "
+            f"TransformerLens' decomposition leaves out (components miss the logits by {err:.3g}); "
+            "head scaling (scale_heads) still works")
+    bridge._preflens_dla_linear = True
+
+
+def compat_bridge(lm_or_bridge):
+    """A compatibility-mode bridge: built from an :class:`~preflens.models.LM`, or checked
+    (:func:`resolve_bridge`)."""
+    return resolve_bridge(lm_or_bridge)
 
 
 def _groups(bridge, prompts, batch_size: int, position: int):
-    """Yield ``(indices, ids[B, S], ic[B], mem_lists)`` for equal-length prompt batches."""
+    """Yield ``(indices, ids[B, S], ic[B], mem_lists, pos)`` for equal-length prompt batches;
+    ids start with the bridge's BOS (if any) and ``pos`` is ``position`` shifted past it."""
     tok = bridge.tokenizer
+    bos = bridge_bos(bridge)
     by_len: dict[int, list[int]] = defaultdict(list)
     enc = []
     for i, p in enumerate(prompts):
@@ -104,8 +179,9 @@ def _groups(bridge, prompts, batch_size: int, position: int):
             raise DataError("prompt tokenizes to no tokens", field="text")
         if not -len(ids) <= position < len(ids):
             raise ConfigError("position", f"{position} is outside prompt {i} ({len(ids)} tokens)")
-        enc.append(ids)
+        enc.append(bos + list(ids))
         by_len[len(ids)].append(i)
+    pos = position + len(bos) if position >= 0 else position
     ic = first_token_ids(tok, [p.in_context for p in prompts])
     mems = [first_token_ids(tok, p.memorized) for p in prompts]
     dev = bridge.cfg.device
@@ -114,7 +190,8 @@ def _groups(bridge, prompts, batch_size: int, position: int):
         for s in range(0, len(idx_all), batch_size):
             idx = idx_all[s: s + batch_size]
             ids = torch.tensor([enc[i] for i in idx], device=dev)
-            yield idx, ids, torch.tensor([ic[i] for i in idx], device=dev), [mems[i] for i in idx]
+            yield (idx, ids, torch.tensor([ic[i] for i in idx], device=dev),
+                   [mems[i] for i in idx], pos)
 
 
 def _pick_mem(logits_T: torch.Tensor, mems: list[list[int]]) -> torch.Tensor:
@@ -128,28 +205,36 @@ def _pick_mem(logits_T: torch.Tensor, mems: list[list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def logit_decomposition(
-    lm_or_bridge,
-    prompts: Sequence[CounterfactualPrompt],
+    lm=None,
+    prompts: Sequence[CounterfactualPrompt] = (),
     *,
+    bridge=None,
     position: int = -1,
     batch_size: int = 16,
 ) -> LogitDecomposition:
-    """Full direct decomposition of ``logit[t_ic] - logit[t_mem]`` at ``position`` (module
-    docstring), every component of ``cache.get_full_resid_decomposition(layer=-1,
-    expand_neurons=False)`` passed through ``cache.logit_attrs`` (frozen ln_final scale).
+    """Full direct decomposition of the pre-cap ``logit[t_ic] - logit[t_mem]`` at ``position``
+    (module docstring): every component of ``cache.get_full_resid_decomposition(layer=-1,
+    expand_neurons=False)`` through ``cache.logit_attrs`` (frozen ln_final scale).
     ``components.sum(0) + unembed_bias == logit_diff`` up to float rounding. Caches every hook:
-    meant for checks and small prompt sets; use :func:`head_logit_attribution` at scale."""
-    bridge = compat_bridge(lm_or_bridge)
+    meant for checks and small prompt sets; use :func:`head_logit_attribution` at scale.
+
+    Args:
+        lm: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built), or ``None``
+            with ``bridge=`` a compatibility-mode bridge (:func:`resolve_bridge`).
+    """
+    bridge = resolve_bridge(lm, bridge=bridge)
     n = len(prompts)
     comps = ub = ld = ics = mms = None
     labels: list[str] = []
-    for idx, ids, ic, mems in _groups(bridge, prompts, batch_size, position):
+    for idx, ids, ic, mems, pos in _groups(bridge, prompts, batch_size, position):
+        _check_linear(bridge, ids, pos)
         logits, cache = bridge.run_with_cache(ids)
-        lt = logits[:, position]
-        mem = _pick_mem(lt, mems)
+        mem = _pick_mem(logits[:, pos], mems)
+        # the linear (pre-cap) logits: ln_final output times the (folded) unembedding
+        lt = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U
         stack, labels = cache.get_full_resid_decomposition(
-            layer=-1, expand_neurons=False, apply_ln=False, pos_slice=position, return_labels=True)
-        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=position)
+            layer=-1, expand_neurons=False, apply_ln=False, pos_slice=pos, return_labels=True)
+        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=pos)
         if comps is None:
             comps = torch.zeros(attr.shape[0], n)
             ub, ld = torch.zeros(n), torch.zeros(n)
@@ -167,39 +252,42 @@ def logit_decomposition(
 
 @torch.no_grad()
 def head_logit_attribution(
-    lm_or_bridge,
-    prompts: Sequence[CounterfactualPrompt],
+    lm=None,
+    prompts: Sequence[CounterfactualPrompt] = (),
     *,
+    bridge=None,
     position: int = -1,
     batch_size: int = 32,
     per_prompt: bool = False,
     skip_degenerate: bool = True,
 ) -> torch.Tensor:
-    """``[n_layers, n_heads]`` float32: mean over prompts of each head's DLA (module docstring).
+    """``[n_layers, n_heads]`` float32: mean over prompts of each query head's DLA (module
+    docstring; Yu et al. 2023 Sec. 5, Fig. 4), on pre-cap logits.
 
     One ``run_with_cache`` per equal-length batch caching only ``attn.hook_z`` and
     ``ln_final.hook_scale``; ``cache.stack_head_results(-1, pos_slice=position)`` rebuilds
-    ``z @ W_O`` (no b_O) and ``cache.logit_attrs(..., tokens=ic[B], incorrect_tokens=mem[B])``
-    dots each prompt with its own direction.
+    ``z @ W_O`` (no b_O, no b_V) and ``cache.logit_attrs(..., tokens=ic[B],
+    incorrect_tokens=mem[B])`` dots each prompt with its own direction.
 
     Args:
-        lm_or_bridge: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built) or a
-            compatibility-mode bridge (ModelError otherwise).
-        position: token index into each prompt (negative counts from the end).
+        lm: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built), or ``None``
+            with ``bridge=`` a compatibility-mode bridge (ModelError otherwise).
+        position: prompt-token index (negative counts from the end; a BOS is not counted).
         per_prompt: return ``[n_layers, n_heads, n]`` (every prompt, none skipped) instead.
         skip_degenerate: leave out of the mean the prompts flagged ``degenerate`` and those whose
-            in-context and memorized first tokens coincide (zero direction, §5.3.2).
+            in-context and memorized first tokens coincide (zero direction).
     """
-    bridge = compat_bridge(lm_or_bridge)
+    bridge = resolve_bridge(lm, bridge=bridge)
     L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     names = {f"blocks.{l}.attn.hook_z" for l in range(L)} | {"ln_final.hook_scale"}
     out = torch.zeros(L * H, len(prompts))
     keep = torch.ones(len(prompts), dtype=torch.bool)
-    for idx, ids, ic, mems in _groups(bridge, prompts, batch_size, position):
+    for idx, ids, ic, mems, pos in _groups(bridge, prompts, batch_size, position):
+        _check_linear(bridge, ids, pos)
         logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
-        mem = _pick_mem(logits[:, position], mems)
-        stack = cache.stack_head_results(layer=-1, pos_slice=position)  # [L*H, B, d_model]
-        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=position)
+        mem = _pick_mem(logits[:, pos], mems)
+        stack = cache.stack_head_results(layer=-1, pos_slice=pos)  # [L*H, B, d_model]
+        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=pos)
         rows = torch.tensor(idx)
         out[:, rows] = attr.float().cpu()
         keep[rows] = (ic != mem).cpu()
@@ -218,8 +306,8 @@ def head_logit_attribution(
 
 
 def select_heads(attribution: torch.Tensor, k: int = 3) -> dict[str, list[tuple[int, int, float]]]:
-    """Top-k heads of a ``[n_layers, n_heads]`` attribution (factual_recall.md §5.1, official
-    k = 3): ``"memory"`` = the k most negative (promote the memorized answer), ``"in_context"``
+    """Top-k heads of a ``[n_layers, n_heads]`` attribution (Yu et al. 2023 Sec. 5; official
+    code: k = 3): ``"memory"`` = the k most negative (promote the memorized answer), ``"in_context"``
     = the k most positive, each as ``(layer, head, score)`` sorted by |score| descending; ties
     broken by (layer, head) order."""
     if attribution.ndim != 2:

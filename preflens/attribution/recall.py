@@ -7,7 +7,8 @@ EMNLP 2023 (arXiv 2310.15910), Sec. 3-4 and the official scripts.
 Conventions (every function):
 * Prompts come from :mod:`preflens.data.recall_prompts` (the paper's template). Targets carry a
   leading space (``" " + city``).
-* Tokenization: ``add_special_tokens=False``, **no BOS** (as :mod:`preflens.scoring`).
+* Tokenization: ``add_special_tokens=False``, then BOS first exactly when the model's tokenizer
+  adds one to plain text (Llama, Gemma; not GPT-2), as :mod:`preflens.scoring` does.
 * Generation is greedy, ``max_new_tokens = 16`` new tokens, stops at EOS, runs through a
   ``TransformerBridge`` (so hooks such as :func:`preflens.attribution.scaling.scale_heads`
   apply on every step) and re-runs the full sequence each step (no KV cache, as the paper's
@@ -71,6 +72,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
+def bridge_bos(bridge) -> list[int]:
+    """``[bos]`` when ``bridge`` prepends BOS (``cfg.default_prepend_bos``; ``LM.bridge`` sets it
+    exactly when the model's tokenizer adds BOS to plain text, as :mod:`preflens.scoring`), else
+    ``[]``. Prompt ids of every bridge lens start with it."""
+    tok = bridge.tokenizer
+    if getattr(bridge.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None:
+        return [int(tok.bos_token_id)]
+    return []
+
+
 def first_token_ids(tokenizer, cities: Sequence[str]) -> list[int]:
     """First sub-token id of ``" " + city`` for each city (Yu et al. 2023, Sec. 5: the answer token is the first sub-token)."""
     return [_encode(tokenizer, " " + c)[0] for c in cities]
@@ -98,7 +109,7 @@ def generate_continuations(
         raise ConfigError("max_new_tokens/batch_size", "must be >= 1")
     bridge = _bridge_of(lm_or_bridge)
     tok = bridge.tokenizer
-    enc = [_encode(tok, p.text) for p in prompts]
+    enc = [bridge_bos(bridge) + _encode(tok, p.text) for p in prompts]
     n_ctx = int(bridge.cfg.n_ctx)
     for i, e in enumerate(enc):
         if len(e) + max_new_tokens > n_ctx:
@@ -135,7 +146,7 @@ def classify_continuations(
     batch_size: int = 16,
 ) -> list[str]:
     """Paper labels (``memorized`` / ``in_context`` / ``neither``) of greedy continuations;
-    see :func:`generate_continuations` for the conventions (no BOS, 16 tokens, cut at "Q:")."""
+    see :func:`generate_continuations` for the conventions (BOS as scoring, 16 tokens, cut at "Q:")."""
     return [c.label for c in generate_continuations(
         lm_or_bridge, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
 
@@ -162,10 +173,12 @@ def answer_logit_diff(
     Runs ``lm.model`` (HF), left-padded (:func:`preflens.generation.last_logits`); the difference is invariant under compatibility
     mode (centring shifts all logits at a position equally).
     """
+    from preflens.scoring import bos_prefix
+
     tok, model = lm.tokenizer, lm.model
     seqs = []
     for p in prompts:
-        ids = _encode(tok, p.text)
+        ids = list(bos_prefix(tok)) + _encode(tok, p.text)
         if answer_prefix:
             ids += _encode(tok, answer_prefix.format(country=p.country))
         seqs.append(ids)

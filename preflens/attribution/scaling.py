@@ -1,16 +1,20 @@
-"""Steering factual recall by scaling one attention head's value vectors at run time.
+"""Steering factual recall by scaling one attention head's output at run time.
 
 Source: Yu, Merullo, Pavlick, "Characterizing Mechanisms for Factual Recall in Language Models",
 EMNLP 2023 (arXiv 2310.15910), Sec. 6 (scaling a memory head negatively raises in-context
-answers to 88 % on Pythia-1.4b).
+answers to 88 % on Pythia-1.4b; the paper multiplies the head's value vectors).
 
-Intervention (§6.1): the hook on ``blocks.{L}.attn.hook_v`` (``[batch, pos, n_heads, d_head]``)
-returns a copy with ``[:, :, H, :]`` multiplied by alpha, at **every position** and on **every
-forward pass** of generation. The attention pattern does not depend on v, so this equals scaling
-the head's ``hook_z`` and hence its output ``z @ W_O``. On a compatibility-mode bridge the value
-bias is folded into b_O, so ``b_V @ W_O`` stays unscaled (as in the paper); on a raw bridge it is
-scaled too (a different intervention, logged as a warning). alpha = 1 reproduces the baseline
-exactly, alpha = 0 zero-ablates the head's value path, alpha < 0 reverses it.
+Intervention: the hook on ``blocks.{L}.attn.hook_z`` (``[batch, pos, n_heads, d_head]``, one
+slot per **query** head) returns a copy with ``[:, :, H, :]`` multiplied by alpha, at every
+position and on every forward pass of generation. The attention pattern does not depend on the
+values, so for multi-head attention this equals the paper's scaling of the head's values
+(``hook_v``), and it scales exactly the head's output ``z @ W_O``. Under grouped-query attention
+(Llama, Mistral, Qwen2, Gemma 2) ``hook_v`` has only ``n_kv_heads`` slots shared by a group of
+query heads, so scaling it would scale the whole group: ``hook_z`` acts on the one query head.
+On a compatibility-mode bridge the value bias is folded into b_O, so ``b_V @ W_O`` stays
+unscaled (as in the paper); on a raw bridge it is scaled too (a different intervention, logged
+as a warning). alpha = 1 reproduces the baseline exactly, alpha = 0 zero-ablates the head's
+(bias-free) output, alpha < 0 reverses it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from contextlib import contextmanager
 
 from preflens.attribution.recall import LABELS, generate_continuations
 from preflens.data.recall_prompts import CounterfactualPrompt
-from preflens.errors import ConfigError
+from preflens.errors import ConfigError, ModelError
 
 __all__ = ["scale_heads", "scaling_sweep", "alpha_grid", "official_alpha_grid", "numpy_arange"]
 
@@ -44,27 +48,41 @@ def _normalise(bridge, scales: HeadScales) -> dict[int, dict[int, float]]:
     return per_layer
 
 
-def _hook(heads: dict[int, float]):
-    def scale_v(v, hook):  # v: [batch, pos, n_heads, d_head]
-        v = v.clone()
+def _hook(heads: dict[int, float], n_heads: int):
+    def scale_z(z, hook):  # z: [batch, pos, n_heads (query heads), d_head]
+        if z.ndim != 4 or z.shape[2] != n_heads:
+            raise ModelError(f"{hook.name}: expected [batch, pos, {n_heads} query heads, d_head], "
+                             f"got {tuple(z.shape)}; this bridge cannot scale single heads")
+        z = z.clone()
         for h, a in heads.items():
-            v[:, :, h, :] = v[:, :, h, :] * a
-        return v
+            z[:, :, h, :] = z[:, :, h, :] * a
+        return z
 
-    return scale_v
+    return scale_z
 
 
 @contextmanager
-def scale_heads(bridge, scales: HeadScales):
-    """Context manager: multiply ``blocks.L.attn.hook_v[..., head, :]`` by alpha for every
+def scale_heads(lm=None, scales: HeadScales | None = None, *, bridge=None):
+    """Context manager: multiply query head ``(layer, head)``'s ``hook_z`` by alpha for every
     ``(layer, head) -> alpha`` in ``scales`` (a dict, or an iterable of ``(layer, head, alpha)``)
     on every forward pass run inside the block (module docstring). Hooks are removed on exit,
-    also on error. Yields the bridge."""
+    also on error. Yields the bridge.
+
+    Args:
+        lm: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built) or ``None``
+            with ``bridge=`` (a bridge passed first is accepted too).
+    """
+    from preflens.attribution.heads import resolve_bridge
+
+    if scales is None:
+        raise ConfigError("scales", "give {(layer, head): alpha}")
+    bridge = resolve_bridge(lm, bridge=bridge, require_compat=False)
     per_layer = _normalise(bridge, scales)
     if not getattr(bridge, "compatibility_mode", False):
         log.warning("scale_heads on a raw bridge also scales the value bias b_V (not the paper's "
                     "intervention); use lm.bridge(compat=True)")
-    hooks = [(f"blocks.{l}.attn.hook_v", _hook(h)) for l, h in sorted(per_layer.items())]
+    n_heads = int(bridge.cfg.n_heads)
+    hooks = [(f"blocks.{l}.attn.hook_z", _hook(h, n_heads)) for l, h in sorted(per_layer.items())]
     with bridge.hooks(fwd_hooks=hooks):
         yield bridge
 
@@ -139,11 +157,12 @@ def scaling_sweep(
     use = [p for p in prompts if keep_degenerate or not p.degenerate]
     if not use:
         raise ConfigError("prompts", "no prompts left (all degenerate)")
-    if bridge is None:
-        bridge = lm.bridge(compat=True)
+    from preflens.attribution.heads import resolve_bridge
+
+    bridge = resolve_bridge(lm, bridge=bridge, require_compat=False)
     rows = []
     for alpha in alphas:
-        with scale_heads(bridge, {h: float(alpha) for h in heads}):
+        with scale_heads(bridge=bridge, scales={h: float(alpha) for h in heads}):
             conts = generate_continuations(bridge, use, max_new_tokens=max_new_tokens,
                                            batch_size=batch_size)
         counts = {lab: sum(c.label == lab for c in conts) for lab in LABELS}
