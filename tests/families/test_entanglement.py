@@ -83,36 +83,39 @@ def test_every_preset_ghost_equals_exact(lm, preset):
     _close(ghost, exact)
 
 
-def test_first_order_prediction_matches_one_sgd_step(lm):
-    """Δu after one plain SGD step on one pair's DPO loss vs Yuan et al. Eqs. 3–5 (lr small:
-    the gap is second order, so it shrinks with lr²)."""
+def test_first_order_prediction_matches_one_sgd_step(lm, family):
+    """Δu after one plain SGD step on one pair's DPO loss vs Yuan et al. Eqs. 3–5.
+
+    The measured change is the central difference (u(θ − ηg) − u(θ + ηg)) / 2 of the SGD step
+    and the step back, which cancels the second-order term (large on the soft-capped Gemma), and
+    |Δu| ~ 1e-3 stays far above float32 rounding inside the HF norms (RMSNorm computes in fp32
+    even in a float64 model). The large-logit Gemma's |u| ~ 90 carries ~1e-5 of that rounding,
+    so its tolerance is 10 % (a missing soft-cap derivative would be off by far more)."""
+    from preflens.dynamics.losses import weights
+
     lm64 = _f64(lm)
     pair = PAIRS[:1]
     stats = pair_gradient_stats(lm64, pair, method="ghost")
-    lr = 1e-3 / float(torch.maximum(stats.norm_w_sq, stats.norm_l_sq)[0])  # |Δu| ~ 1e-3
+    lr = 1e-3 / float(torch.maximum(stats.norm_w_sq, stats.norm_l_sq)[0])
     d_w, d_l = predict_first_order(stats, "dpo", lr=lr, loss_kwargs={"beta": 1.0},
                                    u_ref_w=stats.u_w, u_ref_l=stats.u_l)
-    from preflens.dynamics.losses import weights
-
     a_w, a_l = weights("dpo", stats.u_w, stats.u_l, stats.u_w, stats.u_l, beta=1.0)
-    model = lm64.model
-    params = [p for p in model.parameters()]
-    before = pair_gradient_stats(lm64, pair, method="exact")
-    # one SGD step on −(a_w u_w − a_l u_l) (the loss's gradient at this point)
-    gw, gl, _, _ = _independent(lm64, pair[0], before.params)
-    g = -(float(a_w) * gw - float(a_l) * gl)
-    named = dict(model.named_parameters())
-    stepped = copy.deepcopy(model)
-    snamed = dict(stepped.named_parameters())
-    off = 0
-    with torch.no_grad():
-        for n in before.params:
-            k = named[n].numel()
-            snamed[n].sub_(lr * g[off: off + k].view_as(named[n]))
-            off += k
-    after = pair_gradient_stats(dataclasses.replace(lm64, model=stepped), pair, method="exact")
-    meas_w, meas_l = after.u_w - before.u_w, after.u_l - before.u_l
-    assert len(params) >= len(before.params)
-    for pred, meas in ((d_w, meas_w), (d_l, meas_l)):
-        assert float(pred[0]) != 0.0
-        assert float(meas[0]) == pytest.approx(float(pred[0]), rel=1e-2)
+    gw, gl, _, _ = _independent(lm64, pair[0], stats.params)
+    g = -(float(a_w) * gw - float(a_l) * gl)  # the loss gradient over all parameters
+
+    def u_after(sign: float):
+        moved = copy.deepcopy(lm64.model)
+        named, off = dict(moved.named_parameters()), 0
+        with torch.no_grad():
+            for n in stats.params:
+                k = named[n].numel()
+                named[n].sub_(sign * lr * g[off: off + k].view_as(named[n]))
+                off += k
+        s = pair_gradient_stats(dataclasses.replace(lm64, model=moved), pair, method="exact",
+                                params="unembed")
+        return s.u_w, s.u_l
+
+    (fw, fl), (bw, bl) = u_after(+1.0), u_after(-1.0)
+    for pred, meas in ((d_w, (fw - bw) / 2), (d_l, (fl - bl) / 2)):
+        assert abs(float(pred[0])) > 1e-5
+        assert float(meas[0]) == pytest.approx(float(pred[0]), rel=0.1 if family == "gemma2" else 1e-2)

@@ -1,0 +1,33 @@
+"""One DPO update on every family runs through preflens' training loop and lowers the loss."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+
+from preflens.data import PreferencePair
+from preflens.dynamics.train import train_preference
+
+PAIRS = [
+    PreferencePair("The capital of France is", " Paris.", " Rome, said the fox."),
+    PreferencePair("Q: What is the capital of Italy?\nA:", " Rome", " Never. No No"),
+]
+
+
+def test_one_dpo_step_lowers_the_loss(lm, tmp_path):
+    """Two SGD updates on the same full batch: step 1's loss is log 2 (policy = reference), step
+    2's loss is measured after one update and must be lower; the run writes its checkpoint."""
+    policy = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    run = train_preference(policy, PAIRS, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
+                           lr=1e-2, steps=2, batch_size=2, seed=0, out_dir=tmp_path / "run")
+    losses = [row["loss"] for row in run.history]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses[1] < losses[0]
+    assert run.checkpoint_path is not None and run.checkpoint_path.exists()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+
