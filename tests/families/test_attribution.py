@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from preflens.attribution.heads import head_logit_attribution, logit_decomposition
-from preflens.attribution.recall import counterfactual_prompts, generate_continuations
+from preflens.attribution.recall import generate_continuations
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.attribution.scaling import scale_heads
 from preflens.errors import ModelError
 
