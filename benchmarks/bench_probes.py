@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from preflens.models import load_model
+from preflens.models import DEFAULT_MODEL, load_model
 from preflens.probes.ches import ches_for_pairs, ches_scores
 from preflens.probes.ranking import ranking_accuracy
 from preflens.scoring import response_hidden_states, response_logprobs
@@ -43,7 +43,7 @@ def batched(lm, pairs, batch_size):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="toyworld")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None)
