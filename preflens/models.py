@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "LM",
+    "DTYPES",
+    "resolve_dtype",
     "load_model",
     "register_offline",
     "offline_models",
@@ -326,11 +328,23 @@ def _hub_error(name: str, exc: Exception) -> ModelError:
     return ModelError(f"unknown or unreachable model '{name}': {why}. Offline names: {offline}")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a name of :data:`DTYPES` (``fp32``, ``bf16``, ...) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"unknown value {dtype!r}", allowed=DTYPES)
+    return DTYPES[dtype]
+
+
 def load_model(
     name: str,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     trust_remote_code: bool = False,
 ) -> LM:
     """Load ``name`` as an :class:`LM` (plain HF causal LM + fast tokenizer), in eval mode.
@@ -338,7 +352,8 @@ def load_model(
     Args:
         name: offline registry name, local HF directory, or hub id (e.g. ``gpt2``).
         device: ``None`` picks CUDA when available, else CPU.
-        dtype: parameter dtype (scoring still takes log-softmax in fp32).
+        dtype: parameter dtype, a torch dtype or ``"fp32"``/``"bf16"`` (scoring still takes the
+            log-softmax in fp32).
         trust_remote_code: passed to ``from_pretrained``; off unless explicitly asked for.
 
     Raises:
@@ -350,6 +365,7 @@ def load_model(
     if not isinstance(name, str) or not name:
         raise ModelError(f"model name must be a non-empty string, got {name!r}")
     dev = _resolve_device(device)
+    dtype = resolve_dtype(dtype)
     tokenizer_dir: Path | None
     if name in _OFFLINE:
         model, tokenizer_dir = _OFFLINE[name].builder()

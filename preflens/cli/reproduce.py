@@ -18,9 +18,10 @@ def _paper_name(text: str) -> str:
 def _cmd(args: argparse.Namespace) -> int:
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
     for paper in papers:
+        overrides = {"gradient_method": args.gradient_method} if args.gradient_method else {}
         run_paper(
             paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
-            resume=args.resume, render_only=args.render_only,
+            resume=args.resume, render_only=args.render_only, dtype=args.dtype, overrides=overrides,
         )
     return 0
 
@@ -38,6 +39,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--out", default=".", help="folder for figures/ and results/ (default: .)")
     ap.add_argument("--quick", action="store_true", help="small version for smoke tests (≤ 3 min)")
     ap.add_argument("--no-resume", dest="resume", action="store_false", help="ignore finished steps")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="parameter dtype the model is loaded in (default fp32)")
+    ap.add_argument("--gradient-method", choices=("ghost", "exact"), default=None,
+                    help="gradient-entanglement: per-pair gradient inner products by ghost "
+                         "(default) or exact per-example backward passes")
     ap.add_argument("--render-only", action="store_true",
                     help="only redraw figures/<paper>/*.png from results/<paper>.json under --out "
                          "(no model, no training; seconds)")

@@ -107,7 +107,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"offline name, HF directory or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--data", required=True, help="TRL-format JSONL (prompt/chosen/rejected)")
+    p.add_argument("--data", required=True,
+                   help="TRL-format JSONL (prompt/chosen/rejected: strings, or message lists "
+                        "rendered by the model's chat template)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="parameter dtype the model is loaded in (default fp32; see also --precision)")
     p.add_argument("--eval-data", help="JSONL of held-out pairs (eval/* metrics)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
     p.add_argument("--loss", default="dpo", help="the pairwise loss (see the list below)")
@@ -164,7 +168,7 @@ CONFIG_FLAGS = {
     "pairwise_normalized": "--pairwise-normalized", "eval_every": "--eval-every",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "device": "--device", "compile": "--compile",
 }
-_OPTION_FLAGS = {**CONFIG_FLAGS, "pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out",
+_OPTION_FLAGS = {**CONFIG_FLAGS, "dtype": "--dtype", "pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out",
                  "loss_kwargs": "--loss-kwarg"}
 
 
@@ -223,9 +227,11 @@ def run_train(args) -> int:
     rank, last = int(os.environ.get("RANK", "0")), _LastStep()
     try:
         config = config_from_args(args)  # a bad option fails before the model is loaded
-        pairs = read_pairs(args.data)
-        eval_pairs = read_pairs(args.eval_data) if args.eval_data else None
-        lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+        # the tokenizer renders chat-format (message-list) pairs through its chat template
+        pairs = read_pairs(args.data, tokenizer=lm.tokenizer)
+        eval_pairs = read_pairs(args.eval_data, tokenizer=lm.tokenizer) if args.eval_data else None
         callbacks = [last] if args.no_progress or rank != 0 else [last, _Progress()]
         from preflens.report import run_callbacks
 

@@ -11,6 +11,7 @@ the files in ``scripts/`` are thin entry points to them. The command line itself
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -69,19 +70,25 @@ def run_paper(
     quick: bool = False,
     resume: bool = True,
     render_only: bool = False,
+    dtype: str | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Run one recipe (``paper`` is a CLI name or module name), draw its figures from the
     results JSON it wrote, print its summary and return the results.
 
     ``render_only`` skips the computation and redraws the figures from the existing
     ``results/<paper>.json`` (``model``, ``device``, ``quick`` and ``resume`` are then unused).
+    ``dtype``: ``"fp32"``/``"bf16"`` for loading the model. ``overrides``: recipe ``Config``
+    fields to replace, where the recipe has them (e.g. ``{"gradient_method": "exact"}``).
     """
     if render_only:
         return render_paper(paper, out=out)
     module = _module(paper)
     ctx = RecipeContext(paper=module.PAPER, model=model, device=device, out=Path(out), quick=quick,
-                        resume=resume)
+                        resume=resume, dtype=dtype)
     config = module.Config.quick() if quick else module.Config()
+    known = {f.name for f in dataclasses.fields(config)}
+    config = dataclasses.replace(config, **{k: v for k, v in (overrides or {}).items() if k in known})
     t0 = time.perf_counter()
     with quiet():  # no "Loading weights" bars or transformers warnings between the recipe's output
         module.run(ctx, config)

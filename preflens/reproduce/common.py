@@ -172,6 +172,7 @@ class RecipeContext:
     quick: bool = False
     resume: bool = True
     seed: int = 0
+    dtype: str | None = None  # "fp32"/"bf16" for loading the model (None: load_model's default)
     computed: list = field(default_factory=list, repr=False)
     reused: list = field(default_factory=list, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
@@ -214,6 +215,8 @@ class RecipeContext:
     # -- models and in-memory reuse ------------------------------------------------------------
     def fresh_lm(self, **kwargs):
         """A newly loaded copy of the model under study, for a step that trains it."""
+        if self.dtype is not None:
+            kwargs.setdefault("dtype", self.dtype)
         return load_model(self.model, device=self.device, **kwargs)
 
     def memo(self, key: str, fn: Callable[[], T]) -> T:
@@ -232,7 +235,10 @@ class RecipeContext:
         """Run ``fn()`` (returning JSON-able data) unless a finished copy with the same ``key``,
         model, quick flag and seed is cached; cache the result atomically. An unreadable cache
         file (corrupt, truncated, not UTF-8) is logged and recomputed."""
-        digest = config_hash({"config": key, "model": self.model, "quick": self.quick, "seed": self.seed})
+        ident = {"config": key, "model": self.model, "quick": self.quick, "seed": self.seed}
+        if self.dtype is not None:
+            ident["dtype"] = self.dtype
+        digest = config_hash(ident)
         path = self.cache_dir / f"{self._check_name(name)}-{digest}.json"
         if self.resume and path.is_file():
             try:

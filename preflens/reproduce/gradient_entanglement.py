@@ -76,6 +76,7 @@ class Config:
     overlap_lr: float = 0.05
     overlap_steps: int = 30
     seed: int = 0
+    gradient_method: str = "ghost"  # or "exact" (pair_gradient_stats; equal up to rounding)
 
     @classmethod
     def quick(cls) -> Config:
@@ -95,8 +96,8 @@ class _StatsTracker:
 
     name = "entanglement_stats"
 
-    def __init__(self, lm, pairs, stats_pairs, every, loss, kwargs):
-        self.lm, self.pairs, self.sub, self.every = lm, pairs, stats_pairs, every
+    def __init__(self, lm, pairs, stats_pairs, every, loss, kwargs, method="ghost"):
+        self.lm, self.pairs, self.sub, self.every, self.method = lm, pairs, stats_pairs, every, method
         self.loss, self.kwargs = loss, kwargs
         self.ref = None
         self.history: list[dict] = []
@@ -107,7 +108,7 @@ class _StatsTracker:
         s_l = response_logprobs(self.lm, prompts, [p.rejected for p in self.pairs], batch_size=64)
         if self.ref is None:
             self.ref = (s_w.logp, s_l.logp)
-        st = pair_gradient_stats(self.lm, self.sub, method="ghost", batch_size=16)
+        st = pair_gradient_stats(self.lm, self.sub, method=self.method, batch_size=16)
         k = len(self.sub)
         spec = loss_registry.get_loss(self.loss)
         refs = (dict(ref_chosen_logps=self.ref[0][:k], ref_rejected_logps=self.ref[1][:k])
@@ -130,12 +131,14 @@ class _StatsTracker:
             self.record(state.step)
 
 
-@reads("n_pairs", "data_seed", "lr", "epochs", "batch_size", "stats_pairs", "stats_every", "seed")
+@reads("n_pairs", "data_seed", "lr", "epochs", "batch_size", "stats_pairs", "stats_every", "seed",
+       "gradient_method")
 def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
     """Plain-SGD run ``name`` with ``spec`` = (loss, loss kwargs, pairwise_normalized)."""
     loss, kwargs, normalized = spec
     pairs, lm = _pairs(ctx, c), ctx.fresh_lm()
-    tracker = _StatsTracker(lm, pairs, pairs[: c.stats_pairs], c.stats_every, loss, kwargs)
+    tracker = _StatsTracker(lm, pairs, pairs[: c.stats_pairs], c.stats_every, loss, kwargs,
+                            c.gradient_method)
     tracker.record(0)
     train_preference(
         lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=c.lr, epochs=c.epochs,
@@ -172,13 +175,13 @@ def _one_step_agrees(lm, pair, loss, kwargs, lr, pred_w, pred_l) -> bool:
     return bool(np.sign(d_w) == np.sign(float(pred_w)) and np.sign(d_l) == np.sign(float(pred_l)))
 
 
-@reads("n_pairs", "data_seed", "sign_pairs", "sign_lr")
+@reads("n_pairs", "data_seed", "sign_pairs", "sign_lr", "gradient_method")
 def sign_agreement(ctx: RecipeContext, c, runs: dict) -> dict:
     """Per loss in ``runs`` (name -> spec), the fraction of pairs whose one-step signs of Δu_w,
     Δu_l match the first-order prediction from the gradient statistics (fp64 model)."""
     lm = ctx.fresh_lm(dtype=torch.float64)
     sub = _pairs(ctx, c)[: c.sign_pairs]
-    stats = pair_gradient_stats(lm, sub, method="ghost")
+    stats = pair_gradient_stats(lm, sub, method=c.gradient_method)
     out = {}
     for name, (loss, kwargs, normalized) in runs.items():
         if normalized:
@@ -213,7 +216,7 @@ def _summed_logps(lm, pairs, side: str):
 def _overlap_arm(ctx: RecipeContext, c, kind: str, suffix: bool) -> dict:
     pairs = overlap_pairs(toyworld_world(), c.overlap_pairs, c.seed + 11, suffix)
     lm = ctx.fresh_lm()
-    st = pair_gradient_stats(lm, pairs, method="ghost", batch_size=16, add_eos=False)
+    st = pair_gradient_stats(lm, pairs, method=c.gradient_method, batch_size=16, add_eos=False)
     before, before_l = _summed_logps(lm, pairs, "chosen"), _summed_logps(lm, pairs, "rejected")
     train_preference(lm, pairs, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd",
                      lr=c.overlap_lr, steps=c.overlap_steps, batch_size=min(16, len(pairs)), seed=c.seed,
@@ -224,7 +227,7 @@ def _overlap_arm(ctx: RecipeContext, c, kind: str, suffix: bool) -> dict:
             "rejected_delta": float((after_l - before_l).mean())}
 
 
-@reads("overlap_pairs", "overlap_lr", "overlap_steps", "seed")
+@reads("overlap_pairs", "overlap_lr", "overlap_steps", "seed", "gradient_method")
 def overlap(ctx: RecipeContext, c) -> dict:
     """One-token pairs vs the same pairs with a shared suffix: cos and DPO's Δ log-probs."""
     return {kind: _overlap_arm(ctx, c, kind, suffix) for kind, suffix in (("one_token", False),
