@@ -74,3 +74,31 @@ def capital_pairs(n: int = 10, *, yes_every: int = 3, no_every: int = 4, start: 
 
     return [PreferencePair(f"Question {i}: the capital is", f" Paris{' yes' * (i % yes_every)}",
                            f" Rome{' no' * (i % no_every)}") for i in range(start, start + n)]
+
+
+def sigkill_when(proc, condition, *, timeout: float = 60.0, what: str = "the kill point") -> None:
+    """The tests' SIGKILL harness: poll ``condition()`` every 50 ms while ``proc`` (a
+    ``subprocess.Popen`` with ``stderr=PIPE``) runs, then SIGKILL it and reap it.
+
+    Fails (AssertionError with the tail of its stderr) if the process ends first, and kills it
+    and fails if ``condition`` is not met within ``timeout`` seconds.
+    """
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    assert proc.returncode == -signal.SIGKILL
+

@@ -12,7 +12,7 @@ import torch
 from preflens.dynamics.entanglement import CASES, case_counts, entanglement_case, pair_gradient_stats, predict_first_order
 from preflens.dynamics.trackers import EntanglementTracker
 from preflens.tracking import read_jsonl
-from tests.conftest import capital_pairs
+from tests.conftest import capital_pairs, sigkill_when
 
 
 _pairs = capital_pairs
@@ -75,7 +75,6 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from preflens.data import write_pairs  # noqa: E402
@@ -214,13 +213,7 @@ def test_killed_and_resumed_tracked_run_is_bit_identical_and_reports(tmp_path):
         torch.set_num_threads(threads)
     out = tmp_path / "run"
     proc = _launch(tmp_path, data, out, STALL_AT_STEP="5")  # checkpoint at 4; step 5 tracked, not logged
-    deadline = time.monotonic() + 240
-    while not (out / "stalled").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "worker did not reach the kill point"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    sigkill_when(proc, (out / "stalled").exists, timeout=240)
     assert json.loads((out / "tracked" / "ranking.jsonl").read_text().splitlines()[-1])["step"] == 5
     proc = _launch(tmp_path, data, out)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]

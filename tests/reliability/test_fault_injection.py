@@ -26,10 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +36,7 @@ from safetensors.torch import load_file
 
 from preflens.data import PreferencePair, write_pairs
 from preflens.dynamics.checkpoint import list_checkpoints, truncate_metrics, verify_checkpoint
-from tests.conftest import capital_pairs
+from tests.conftest import capital_pairs, sigkill_when
 
 SHIM = r'''
 import os, sys, time
@@ -135,18 +133,7 @@ class Runner:
 
     def kill_at(self, out: Path, condition, stall: str = "", timeout: float = 60.0, **env) -> None:
         proc = self.launch(out, stall, **env)
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended before the kill point: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"kill point {stall or env} not reached in {timeout} s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close(), proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
+        sigkill_when(proc, condition, timeout=timeout, what=f"kill point {stall or env}")
 
     def marker(self, tag: str):
         return lambda: (self.markers / tag).exists()

@@ -13,16 +13,15 @@ import errno
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from preflens.errors import ConfigError, DataError
 from preflens.reproduce.common import RecipeContext
+from tests.conftest import sigkill_when
 
 RECIPE = r'''
 import json, os, sys, time
@@ -70,17 +69,7 @@ def _launch(tmp_path: Path, out: Path, version: int = 1, stall: str = "") -> sub
 
 
 def _kill_when_stalled(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not (out / "stalled").exists():
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read().decode()[-2000:])
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the recipe did not reach its stall point")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stdout.close(), proc.stderr.close()
+    sigkill_when(proc, (out / "stalled").exists, timeout=timeout, what="the recipe's stall point")
     (out / "stalled").unlink()
 
 
