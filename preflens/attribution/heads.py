@@ -51,11 +51,14 @@ from dataclasses import dataclass
 
 import torch
 
-from preflens.attribution.recall import bridge_bos, first_token_ids
+from preflens.attribution.recall import bridge_bos
 from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError, DataError, ModelError
 
 __all__ = [
+    "ANSWERS",
+    "HeadAttribution",
+    "head_attribution",
     "LogitDecomposition",
     "resolve_bridge",
     "compat_bridge",
@@ -166,32 +169,65 @@ def compat_bridge(lm_or_bridge):
     return resolve_bridge(lm_or_bridge)
 
 
-def _groups(bridge, prompts, batch_size: int, position: int):
-    """Yield ``(indices, ids[B, S], ic[B], mem_lists, pos)`` for equal-length prompt batches;
-    ids start with the bridge's BOS (if any) and ``pos`` is ``position`` shifted past it."""
+ANSWERS = ("first-token", "full")
+
+
+def _text_ids(tok, text: str, what: str, i: int) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"item {i}: tokenizes to no tokens", field=what)
+    return list(ids)
+
+
+def _as_triples(prompts, targets, foils):
+    """``(texts, targets, foil candidate lists, keep)``. The capitals form (``targets`` and
+    ``foils`` None) maps each :class:`CounterfactualPrompt` to (text, " " + in-context city,
+    " " + every memorized capital) with ``keep`` = not degenerate."""
+    if targets is None and foils is None:
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, CounterfactualPrompt)]
+        if bad:
+            raise ConfigError("targets", f"prompt {bad[0]} is a string: give targets and foils "
+                              "(or pass CounterfactualPrompt objects)")
+        return ([p.text for p in prompts], [" " + p.in_context for p in prompts],  # first_token_ids
+                [[" " + m for m in p.memorized] for p in prompts], [not p.degenerate for p in prompts])
+    if targets is None or foils is None or not len(prompts) == len(targets) == len(foils):
+        raise ConfigError("targets", "give one target and one foil (or a list of foils) per prompt")
+    fls = [[f] if isinstance(f, str) else list(f) for f in foils]
+    for i, f in enumerate(fls):
+        if not f:
+            raise DataError(f"item {i}: no foil", field="foils")
+    return [str(p) for p in prompts], list(targets), fls, [True] * len(prompts)
+
+
+def _first_ids(bridge, targets, foils) -> tuple[list[int], list[list[int]]]:
+    tok = bridge.tokenizer
+    return ([_text_ids(tok, t, "targets", i)[0] for i, t in enumerate(targets)],
+            [[_text_ids(tok, f, "foils", i)[0] for f in fs] for i, fs in enumerate(foils)])
+
+
+def _groups(bridge, texts, tgt_ids, foil_ids, batch_size: int, position: int):
+    """Yield ``(indices, ids[B, S], target[B], foil candidate lists, pos)`` for equal-length
+    prompt batches; ids start with the bridge's BOS (if any) and ``pos`` is ``position`` shifted
+    past it."""
     tok = bridge.tokenizer
     bos = bridge_bos(bridge)
     by_len: dict[int, list[int]] = defaultdict(list)
     enc = []
-    for i, p in enumerate(prompts):
-        ids = tok(p.text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise DataError("prompt tokenizes to no tokens", field="text")
+    for i, t in enumerate(texts):
+        ids = _text_ids(tok, t, "text", i)
         if not -len(ids) <= position < len(ids):
             raise ConfigError("position", f"{position} is outside prompt {i} ({len(ids)} tokens)")
         enc.append(bos + list(ids))
         by_len[len(ids)].append(i)
     pos = position + len(bos) if position >= 0 else position
-    ic = first_token_ids(tok, [p.in_context for p in prompts])
-    mems = [first_token_ids(tok, p.memorized) for p in prompts]
     dev = bridge.cfg.device
     for length in sorted(by_len):
         idx_all = by_len[length]
         for s in range(0, len(idx_all), batch_size):
             idx = idx_all[s: s + batch_size]
             ids = torch.tensor([enc[i] for i in idx], device=dev)
-            yield (idx, ids, torch.tensor([ic[i] for i in idx], device=dev),
-                   [mems[i] for i in idx], pos)
+            yield (idx, ids, torch.tensor([tgt_ids[i] for i in idx], device=dev),
+                   [foil_ids[i] for i in idx], pos)
 
 
 def _pick_mem(logits_T: torch.Tensor, mems: list[list[int]]) -> torch.Tensor:
@@ -226,7 +262,9 @@ def logit_decomposition(
     n = len(prompts)
     comps = ub = ld = ics = mms = None
     labels: list[str] = []
-    for idx, ids, ic, mems, pos in _groups(bridge, prompts, batch_size, position):
+    texts, targets, foils, _ = _as_triples(prompts, None, None)
+    for idx, ids, ic, mems, pos in _groups(bridge, texts, *_first_ids(bridge, targets, foils),
+                                           batch_size, position):
         _check_linear(bridge, ids, pos)
         logits, cache = bridge.run_with_cache(ids)
         mem = _pick_mem(logits[:, pos], mems)
@@ -250,12 +288,147 @@ def logit_decomposition(
     return LogitDecomposition(comps, list(labels), ub, ld, ics, mms)
 
 
+@dataclass(frozen=True)
+class HeadAttribution:
+    """Per-head direct attribution of target vs foil, per item (:func:`head_attribution`).
+
+    Attributes:
+        per_head: ``[n_layers, n_heads, n]`` float32 (query heads).
+        difference: ``[n]`` the model's own target-minus-foil score from the same forward passes
+            (pre-cap first-token logit difference, or summed full-answer log-prob difference).
+        valid: ``[n]`` False for a degenerate capitals prompt or a zero direction (target and foil
+            share their first token).
+    """
+
+    per_head: torch.Tensor
+    difference: torch.Tensor
+    valid: torch.Tensor
+
+
+def _first_token(bridge, texts, targets, foils, position, batch_size):
+    t_ids, f_ids = _first_ids(bridge, targets, foils)
+    L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    names = ({f"blocks.{l}.attn.hook_z" for l in range(L)}
+             | {"ln_final.hook_scale", "ln_final.hook_out"})
+    out, diff = torch.zeros(L * H, len(texts)), torch.zeros(len(texts))
+    nonzero = torch.ones(len(texts), dtype=torch.bool)
+    for idx, ids, tgt, fls, pos in _groups(bridge, texts, t_ids, f_ids, batch_size, position):
+        _check_linear(bridge, ids, pos)
+        logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+        foil = _pick_mem(logits[:, pos], fls)
+        pre = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U  # pre-cap logits
+        stack = cache.stack_head_results(layer=-1, pos_slice=pos)  # [L*H, B, d_model]
+        attr = cache.logit_attrs(stack, tokens=tgt, incorrect_tokens=foil, pos_slice=pos)
+        rows, ar = torch.tensor(idx), torch.arange(len(idx), device=pre.device)
+        out[:, rows] = attr.float().cpu()
+        diff[rows] = (pre[ar, tgt] - pre[ar, foil]).float().cpu()
+        nonzero[rows] = (tgt != foil).cpu()
+    return out, diff, nonzero
+
+
+def _full_answer(bridge, text: str, answer: str, i: int, names):
+    """``([L*H] first-order direct attribution, summed log-prob)`` of ``answer`` after ``text``."""
+    tok = bridge.tokenizer
+    bos = bridge_bos(bridge)
+    p_ids, a_ids = bos + _text_ids(tok, text, "text", i), _text_ids(tok, answer, "targets", i)
+    ids = torch.tensor([p_ids + a_ids], device=bridge.cfg.device)
+    _check_linear(bridge, ids, -1)
+    logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+    pos = torch.arange(len(p_ids) - 1, len(p_ids) + len(a_ids) - 1, device=ids.device)
+    y = torch.tensor(a_ids, device=ids.device)
+    logp = torch.log_softmax(logits[0, pos].double(), dim=-1)              # [R, V], post-cap
+    W_U = bridge.W_U.double()                                              # [d_model, V]
+    grad = -logp.exp()                                                     # d log p(y) / d logits
+    grad[torch.arange(len(a_ids)), y] += 1.0
+    cap = float(getattr(bridge.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    if cap > 0:  # logits = cap * tanh(z / cap): chain through the cap
+        z = cache["ln_final.hook_out"][0, pos].double() @ W_U + bridge.b_U.double()
+        grad = grad * (1 - torch.tanh(z / cap) ** 2)
+    stack = cache.apply_ln_to_stack(cache.stack_head_results(layer=-1), layer=-1)
+    stack = stack[:, 0, pos].double()                                      # [L*H, R, d_model]
+    attr = torch.einsum("crd,rd->c", stack, grad @ W_U.T)
+    return attr.float().cpu(), float(logp[torch.arange(len(a_ids)), y].sum())
+
+
+def _full(bridge, texts, targets, foils):
+    L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    names = ({f"blocks.{l}.attn.hook_z" for l in range(L)}
+             | {"ln_final.hook_scale", "ln_final.hook_out"})
+    out, diff = torch.zeros(L * H, len(texts)), torch.zeros(len(texts))
+    for i, (t, y, fs) in enumerate(zip(texts, targets, foils)):
+        a_t, lp_t = _full_answer(bridge, t, y, i, names)
+        a_f, lp_f = max((_full_answer(bridge, t, f, i, names) for f in fs), key=lambda r: r[1])
+        out[:, i], diff[i] = a_t - a_f, lp_t - lp_f
+    return out, diff, torch.ones(len(texts), dtype=torch.bool)
+
+
 @torch.no_grad()
-def head_logit_attribution(
+def head_attribution(
     lm=None,
-    prompts: Sequence[CounterfactualPrompt] = (),
+    prompts: Sequence = (),
+    targets: Sequence[str] | None = None,
+    foils: Sequence | None = None,
     *,
     bridge=None,
+    answer: str = "first-token",
+    position: int = -1,
+    batch_size: int = 32,
+) -> HeadAttribution:
+    """Per-head direct attribution of ``target`` vs ``foil`` after any prompt (module docstring).
+
+    ``prompts`` are strings with ``targets`` (continuations as they follow the prompt, usually
+    with a leading space) and ``foils`` (a string or a list of alternatives per prompt; the
+    alternative the model scores highest is used), or :class:`CounterfactualPrompt` s with
+    ``targets`` and ``foils`` None (target " " + in-context city, foils " " + each memorized
+    capital). Prompt and answers are tokenized separately; BOS as :func:`_groups`.
+
+    * ``answer="first-token"`` (default; Yu et al. 2023 Sec. 5): each head's direct contribution
+      to the pre-cap ``logit[t] - logit[f]`` at ``position`` (default the last prompt token), t
+      and f the first tokens of target and foil, through the frozen ln_final on a
+      compatibility-mode bridge. Heads, the other components and ``b_U[t] - b_U[f]`` sum exactly
+      to ``difference``.
+    * ``answer="full"``: each head's first-order direct contribution to the summed full-answer
+      log-prob difference Σ_k log π(y_k | x, y_<k) (target minus foil): at every answer position
+      the head's output (ln_final frozen) dotted with the gradient of log π(y_k) with respect to
+      the final residual, W_U (e_{y_k} − π) (times the soft-cap's derivative where there is one).
+      A linearization of the log-softmax, so the components do not sum exactly to
+      ``difference``; equal to the first-token attribution when both answers are single tokens
+      (no cap). One forward pass per answer (no batching).
+
+    Args:
+        lm: an :class:`~preflens.models.LM`, or ``None`` with ``bridge=`` a compatibility-mode
+            bridge (:func:`resolve_bridge`).
+
+    Returns:
+        :class:`HeadAttribution` (``per_head [n_layers, n_heads, n]``, ``difference [n]``,
+        ``valid [n]``).
+    """
+    if answer not in ANSWERS:
+        raise ConfigError("answer", f"unknown value {answer!r}", allowed=ANSWERS)
+    texts, tgts, fls, keep = _as_triples(prompts, targets, foils)
+    if not texts:
+        raise DataError("no prompts given", field="prompts")
+    if answer == "full" and position != -1:
+        raise ConfigError("position", "full-answer attribution reads every answer position; "
+                          "leave position at -1")
+    bridge = resolve_bridge(lm, bridge=bridge)
+    if answer == "first-token":
+        out, diff, nonzero = _first_token(bridge, texts, tgts, fls, position, batch_size)
+    else:
+        out, diff, nonzero = _full(bridge, texts, tgts, fls)
+    L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    return HeadAttribution(out.reshape(L, H, len(texts)), diff,
+                           nonzero & torch.tensor(keep, dtype=torch.bool))
+
+
+def head_logit_attribution(
+    lm=None,
+    prompts: Sequence = (),
+    targets: Sequence[str] | None = None,
+    foils: Sequence | None = None,
+    *,
+    bridge=None,
+    answer: str = "first-token",
     position: int = -1,
     batch_size: int = 32,
     per_prompt: bool = False,
@@ -264,10 +437,11 @@ def head_logit_attribution(
     """``[n_layers, n_heads]`` float32: mean over prompts of each query head's DLA (module
     docstring; Yu et al. 2023 Sec. 5, Fig. 4), on pre-cap logits.
 
-    One ``run_with_cache`` per equal-length batch caching only ``attn.hook_z`` and
-    ``ln_final.hook_scale``; ``cache.stack_head_results(-1, pos_slice=position)`` rebuilds
-    ``z @ W_O`` (no b_O, no b_V) and ``cache.logit_attrs(..., tokens=ic[B],
-    incorrect_tokens=mem[B])`` dots each prompt with its own direction.
+    A thin layer over :func:`head_attribution` (same prompt/target/foil forms and ``answer``):
+    one ``run_with_cache`` per equal-length batch caching only ``attn.hook_z`` and ln_final;
+    ``cache.stack_head_results(-1, pos_slice=position)`` rebuilds ``z @ W_O`` (no b_O, no b_V)
+    and ``cache.logit_attrs(..., tokens=t[B], incorrect_tokens=f[B])`` dots each prompt with its
+    own direction.
 
     Args:
         lm: an :class:`~preflens.models.LM` (a compatibility-mode bridge is built), or ``None``
@@ -275,34 +449,19 @@ def head_logit_attribution(
         position: prompt-token index (negative counts from the end; a BOS is not counted).
         per_prompt: return ``[n_layers, n_heads, n]`` (every prompt, none skipped) instead.
         skip_degenerate: leave out of the mean the prompts flagged ``degenerate`` and those whose
-            in-context and memorized first tokens coincide (zero direction).
+            target and foil first tokens coincide (zero direction).
     """
-    bridge = resolve_bridge(lm, bridge=bridge)
-    L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
-    names = {f"blocks.{l}.attn.hook_z" for l in range(L)} | {"ln_final.hook_scale"}
-    out = torch.zeros(L * H, len(prompts))
-    keep = torch.ones(len(prompts), dtype=torch.bool)
-    for idx, ids, ic, mems, pos in _groups(bridge, prompts, batch_size, position):
-        _check_linear(bridge, ids, pos)
-        logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
-        mem = _pick_mem(logits[:, pos], mems)
-        stack = cache.stack_head_results(layer=-1, pos_slice=pos)  # [L*H, B, d_model]
-        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=pos)
-        rows = torch.tensor(idx)
-        out[:, rows] = attr.float().cpu()
-        keep[rows] = (ic != mem).cpu()
+    res = head_attribution(lm, prompts, targets, foils, bridge=bridge, answer=answer,
+                           position=position, batch_size=batch_size)
     if per_prompt:
-        return out.reshape(L, H, len(prompts))
-    if skip_degenerate:
-        keep &= torch.tensor([not p.degenerate for p in prompts], dtype=torch.bool)
-        if int((~keep).sum()):
-            log.info("head_logit_attribution: %d prompts skipped (degenerate or zero direction)",
-                     int((~keep).sum()))
-    else:
-        keep[:] = True
+        return res.per_head
+    keep = res.valid if skip_degenerate else torch.ones_like(res.valid)
+    if int((~keep).sum()):
+        log.info("head_logit_attribution: %d prompts skipped (degenerate or zero direction)",
+                 int((~keep).sum()))
     if not bool(keep.any()):
         raise DataError("no prompt with a non-degenerate direction", field="prompts")
-    return out[:, keep].double().mean(-1).float().reshape(L, H)
+    return res.per_head[:, :, keep].double().mean(-1).float()
 
 
 def select_heads(attribution: torch.Tensor, k: int = 3) -> dict[str, list[tuple[int, int, float]]]:

@@ -56,7 +56,7 @@ from preflens.data.io import _pair_from_obj, read_jsonl
 from preflens.data.schemas import PreferencePair, RankedResponses
 from preflens.errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "load_pairs", "load_rankings", "detect_format", "competition_ranks"]
+__all__ = ["FORMATS", "load_pairs", "load_rankings", "load_triples", "detect_format", "competition_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -490,3 +490,55 @@ def load_rankings(source, format: str | None = None, *, split: str | None = None
     :func:`load_pairs`.
     """
     return _load(source, format, split, tokenizer, limit, sample, seed, on_error, rankings=True)
+
+
+def _triple(obj: dict, i: int) -> dict:
+    out = {"id": str(obj["id"]) if obj.get("id") is not None else str(i)}
+    for key in ("prompt", "target"):
+        v = _need(obj, key)
+        if not isinstance(v, str) or not v.strip():
+            raise DataError("expected a non-empty string", field=key)
+        out[key] = v
+    foil = _need(obj, "foil")
+    foils = [foil] if isinstance(foil, str) else foil
+    if not isinstance(foils, list) or not foils or not all(isinstance(f, str) and f.strip() for f in foils):
+        raise DataError("expected a non-empty string or a list of them", field="foil")
+    if out["target"] in foils:
+        raise DataError("the target is also a foil", field="foil")
+    out["foil"] = foil if isinstance(foil, str) else tuple(foils)
+    return out
+
+
+def load_triples(source, *, split: str | None = None, limit: int | None = None,
+                 sample: int | None = None, seed: int = 0, on_error: str = "raise") -> list[dict]:
+    """``{prompt, target, foil}`` records (plus optional ``id``) for direct logit attribution.
+
+    ``target`` and ``foil`` are the continuations to compare, written as they follow the prompt
+    (usually with a leading space, e.g. ``" Paris"``); ``foil`` may be a list of alternatives.
+    Same sources, selection and error conventions as :func:`load_pairs`. Returns dicts with
+    ``id`` (the given id or the 0-based row index), ``prompt``, ``target``, ``foil``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ConfigError("on_error", f"unknown value {on_error!r}", allowed=("raise", "skip"))
+    rows = _open(source, split, None)
+    out, seen, skipped = [], {}, 0
+    for i in _select(rows.n, limit, sample, seed):
+        try:
+            try:
+                rec = _triple(rows.get(i), i)
+                if rec["id"] in seen:
+                    raise DataError(f"duplicate id {rec['id']!r}", field="id")
+            except DataError as exc:
+                raise rows.error(i, exc) from None
+        except DataError:
+            if on_error == "raise":
+                raise
+            skipped += 1
+            continue
+        seen[rec["id"]] = i
+        out.append(rec)
+    if skipped:
+        log.warning("%s: skipped %d bad row(s)", rows.label, skipped)
+    if not out:
+        raise DataError("no (prompt, target, foil) records", file=rows.label)
+    return out

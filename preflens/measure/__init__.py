@@ -6,7 +6,9 @@ Lenses (one module each; all numbers come from the library's probes/dynamics/att
 * ``ches`` -- CHES, LN-CHES, edit-similarity and last-hidden baselines (Razin et al. 2025);
 * ``entanglement`` -- per-pair gradient inner products, norms, cosines (Yuan et al. 2024);
 * ``displacement`` -- per-pair Δ log π of chosen/rejected vs a reference, top gaining tokens
-  (Razin et al. 2025).
+  (Razin et al. 2025);
+* ``dla`` -- per-head direct logit attribution of target vs foil on ``{prompt, target, foil}``
+  records, and head-scaling sweeps (Yu et al. 2023).
 
 :func:`measure` loads the model(s) and the data (:func:`preflens.data.adapters.load_pairs`),
 scores the items in resumable chunks (:mod:`preflens.measure.runner`) and writes
@@ -27,7 +29,7 @@ __all__ = ["LENSES", "measure", "lens_module", "load_items", "fit_context"]
 
 log = logging.getLogger(__name__)
 
-LENSES = ("ranking", "ches", "entanglement", "displacement")
+LENSES = ("ranking", "ches", "entanglement", "displacement", "dla")
 
 
 def lens_module(lens: str):
@@ -186,7 +188,8 @@ def measure(
     opt_dict = dataclasses.asdict(opts)
     config = {"model": _model_name(model), "reference": _model_name(reference), "dataset": dataset,
               "options": opt_dict}
-    rows = run_chunks(items, lambda chunk: mod.score_chunk(lm, ref, chunk, opts, bs),
+    extra = mod.prepare(lm, ref, opts) if hasattr(mod, "prepare") else {}
+    rows = run_chunks(items, lambda chunk: mod.score_chunk(lm, ref, chunk, opts, bs, **extra),
                       out_dir=out_dir, lens=lens, config=config, chunk_size=chunk_size,
                       resume=resume, progress=progress)
     results = mod.summarize(rows, opts, ref is not None)

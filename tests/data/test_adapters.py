@@ -220,3 +220,17 @@ def test_missing_source_and_offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"hf:nobody/no-such-dataset: .*HF_HUB_OFFLINE"):
         load_pairs("hf:nobody/no-such-dataset")
+
+
+def test_triples_and_bad_triples(tmp_path):
+    from preflens.data.adapters import load_triples
+
+    t = load_triples(FIX / "dla_triples.jsonl")
+    assert [r["id"] for r in t] == ["france", "1", "yes"] and t[1]["foil"] == (" Paris", " Tokyo")
+    bad = _write(tmp_path, [_rows("dla_triples.jsonl")[0], {"prompt": "p", "target": " a", "foil": []}])
+    with pytest.raises(DataError, match=r"data.jsonl:2: field 'foil': expected a non-empty string"):
+        load_triples(bad)
+    bad = _write(tmp_path, [{"prompt": "p", "target": " a", "foil": " a"}])
+    with pytest.raises(DataError, match=r"data.jsonl:1: field 'foil': the target is also a foil"):
+        load_triples(bad)
+    assert len(load_triples(FIX / "dla_triples.jsonl", limit=2)) == 2
