@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from preflens.attribution.heads import head_attribution, head_logit_attribution
-from preflens.attribution.recall import counterfactual_prompts
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.errors import ConfigError
 from preflens.models import load_model
 from preflens.scoring import response_logprobs
