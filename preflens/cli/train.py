@@ -3,8 +3,9 @@
     preflens train --model toyworld --data pairs.jsonl --loss dpo --beta 0.1 --lr 1e-5 \\
         --steps 200 --batch-size 16 --out runs/dpo [--resume/--no-resume] [--loss-kwarg lam=2]
 
-Runs unchanged under ``torchrun --nproc_per_node=N -m preflens.cli train ...`` (DDP;
-only rank 0 writes and shows the progress bar). Writes ``DIR/metrics.jsonl``, ``DIR/config.json``,
+Runs unchanged under ``torchrun --nproc_per_node=N -m preflens.cli train ...`` (DDP, or FSDP2
+with ``--shard fsdp``; only rank 0 writes and shows the progress bar). ``--lora-r R`` trains LoRA
+adapters (final adapter in ``DIR/final-adapter``; ``--lora-merge`` also writes the merged model). Writes ``DIR/metrics.jsonl``, ``DIR/config.json``,
 ``DIR/checkpoints/step-*`` and, unless ``--no-save-model``, the final model in Hugging Face format
 in ``DIR/final-model`` (loadable with ``preflens.models.load_model``). Prints the final metrics
 as one JSON line.
@@ -139,6 +140,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps")
     p.add_argument("--pairwise-normalized", action="store_true",
                    help="pairwise normalized gradient (gradient-entanglement mitigation)")
+    p.add_argument("--shard", default="ddp", help="multi-process strategy under torchrun: ddp (default) or fsdp "
+                   "(FSDP2, sharded checkpoints that resume into any number of processes)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward (less memory, same numbers)")
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (default: full "
+                   "fine-tuning); the reference is the base model")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (default 2 x rank)")
+    p.add_argument("--lora-targets", default=None, metavar="NAME,NAME",
+                   type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()) or None,
+                   help="modules to adapt (default per family: c_attn,c_proj for GPT-2, q/k/v/o_proj for Llama-like)")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="with --lora-r: also save the merged model to OUT/final-model")
     p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
                    help="save the final model to OUT/final-model (default on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -167,6 +180,8 @@ CONFIG_FLAGS = {
     "grad_accum": "--grad-accum", "precision": "--precision", "seed": "--seed", "max_grad_norm": "--max-grad-norm",
     "pairwise_normalized": "--pairwise-normalized", "eval_every": "--eval-every",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "device": "--device", "compile": "--compile",
+    "shard": "--shard", "activation_checkpointing": "--activation-checkpointing", "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
 }
 _OPTION_FLAGS = {**CONFIG_FLAGS, "dtype": "--dtype", "pairs": "--data", "eval_pairs": "--eval-data", "out_dir": "--out",
                  "loss_kwargs": "--loss-kwarg"}
@@ -218,6 +233,12 @@ def _save_final_model(lm, out: Path) -> Path:
     return final
 
 
+def _save_final_adapter(peft_model, out: Path) -> Path:
+    from preflens.dynamics.lora import save_adapter
+
+    return save_adapter(peft_model, out / "final-adapter")
+
+
 def run_train(args) -> int:
     """Execute ``preflens train`` for parsed ``args``; returns the exit code."""
     from preflens.data import read_pairs
@@ -246,7 +267,12 @@ def run_train(args) -> int:
         exc.preflens_message = _interrupt_message(args.out, last.step)  # read by preflens.cli.main
         raise
     if rank == 0:
-        if args.save_model:
+        if args.save_model and result.peft_model is not None:
+            _save_final_adapter(result.peft_model, Path(args.out))
+            if args.lora_merge:  # last: merging folds the adapters into the base weights in place
+                lm.model = result.peft_model.merge_and_unload()
+                _save_final_model(lm, Path(args.out))
+        elif args.save_model:
             _save_final_model(lm, Path(args.out))
         print(json.dumps({"steps": result.steps, "checkpoint": str(result.checkpoint_path),
                           **result.final_metrics}))

@@ -173,12 +173,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int = 2,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    trainable_only: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root``; keep the newest ``keep``; return its path.
 
     ``meta`` (JSON-serializable: data cursor, config, ...) is stored in ``state.json`` together
     with the step, the optimizer's non-tensor state and the RNG states (captured here);
     ``extra_tensors`` (read back by :func:`load_extra_tensors`) in ``extra.safetensors``.
+    ``trainable_only`` saves only parameters with ``requires_grad`` (LoRA: the adapters).
 
     Raises:
         TrainingError: naming the checkpoint when a write or fsync fails (disk full, I/O
@@ -189,7 +191,8 @@ def save_checkpoint(
     _remove_partial(root)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+               if p.requires_grad or not trainable_only}
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     rng_tensors, rng_meta = rng_state()
     state = {"step": step, "meta": meta, "optimizer": opt_meta, "rng": rng_meta}
@@ -268,8 +271,9 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     _copy_weights(load_file(str(Path(path) / "model.safetensors")), model, Path(path))
 
 
-def _copy_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
-    params = dict(model.named_parameters())
+def _copy_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, path: Path,
+                  trainable_only: bool = False) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     if set(params) != set(weights):
         diff = sorted(set(params) ^ set(weights))[:5]
         raise TrainingError(f"checkpoint {path} does not match the model (parameters {diff})")
@@ -280,17 +284,18 @@ def _copy_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, path
 
 def load_checkpoint(
     path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-    restore_rng: bool = True,
+    restore_rng: bool = True, trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Verify and load checkpoint ``path`` into ``model`` (and ``optimizer``); restore RNG states.
 
     Returns ``state.json`` (``step``, ``meta``, ...). Raises :class:`TrainingError` when corrupt.
+    ``trainable_only``: the checkpoint holds (and must match) only the trainable parameters.
     """
     path = Path(path)
     verify_checkpoint(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        _copy_weights(load_file(str(path / "model.safetensors")), model, path)
+        _copy_weights(load_file(str(path / "model.safetensors")), model, path, trainable_only)
         if optimizer is not None:
             opt = _join_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
             optimizer.load_state_dict(opt)
@@ -313,7 +318,8 @@ def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_latest(
-    root: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    root: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    trainable_only: bool = False,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest good checkpoint under ``root``; ``None`` when there is none.
 
@@ -326,7 +332,7 @@ def load_latest(
     errors = []
     for path in reversed(list_checkpoints(root)):
         try:
-            return path, load_checkpoint(path, model=model, optimizer=optimizer)
+            return path, load_checkpoint(path, model=model, optimizer=optimizer, trainable_only=trainable_only)
         except TrainingError as exc:
             log.warning("%s; falling back to the previous checkpoint", exc)
             errors.append(str(exc))

@@ -22,7 +22,7 @@ import torch
 from preflens.dynamics import losses
 from preflens.errors import ConfigError
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "SCHEDULES", "lr_at"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "SCHEDULES", "SHARDS", "lr_at"]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
 PRECISIONS = ("fp32", "bf16")
@@ -30,7 +30,9 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 # Fields that do not change what a step computes; they may differ between a run and its resume.
 RUN_OPTIONS = ("steps", "epochs", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-               "device", "compile", "ref_cache_dir")
+               "device", "compile", "ref_cache_dir", "shard", "activation_checkpointing")
+SHARDS = ("ddp", "fsdp")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets")
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str | None,
@@ -80,6 +82,14 @@ class TrainConfig:
         resume: continue from the newest good checkpoint (False: delete them and start over).
         device, compile, ref_cache_dir: where to run, ``torch.compile`` the transformer, where
             to cache reference log-probs (default ``<out_dir>/ref_cache``).
+        shard: under ``torchrun``, "ddp" (replicated model, gradients all-reduced) or "fsdp"
+            (FSDP2: parameters, gradients and optimizer state sharded per block, sharded DCP
+            checkpoints that resume into any number of processes; :mod:`preflens.dynamics.fsdp`).
+        activation_checkpointing: recompute each block's activations in the backward (saves
+            memory, same numbers).
+        lora_r, lora_alpha, lora_targets: LoRA adapters of rank ``lora_r`` (None: full
+            fine-tuning), scale α/r (α default 2r), on the named modules (default per family);
+            the reference is the base model (:mod:`preflens.dynamics.lora`).
     """
 
     loss: str = "dpo"
@@ -105,10 +115,17 @@ class TrainConfig:
     device: str | None = None
     compile: bool = False
     ref_cache_dir: str | Path | None = None
+    shard: str = "ddp"
+    activation_checkpointing: bool = False
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_kwargs", dict(self.loss_kwargs or {}))
         object.__setattr__(self, "optimizer_kwargs", dict(self.optimizer_kwargs or {}))
+        if self.lora_targets is not None and not isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self._check_numbers()
         self._check_choices()
         losses.resolve_kwargs(self.loss, self.loss_kwargs)  # ConfigError naming a bad loss parameter
@@ -127,17 +144,33 @@ class TrainConfig:
             v = getattr(self, name)
             if (v is not None or name in ("batch_size", "seed")) and (not _is_int(v) or v < low):
                 raise ConfigError(name, f"must be an integer >= {low}, got {v!r}")
-        for name in ("pairwise_normalized", "add_eos", "resume", "compile"):
+        if self.lora_r is not None and (not _is_int(self.lora_r) or self.lora_r < 1):
+            raise ConfigError("lora_r", f"must be an integer >= 1, got {self.lora_r!r}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(
+                self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ConfigError("lora_alpha", f"must be a finite number > 0, got {self.lora_alpha!r}")
+        if self.lora_targets is not None and (isinstance(self.lora_targets, str) or not self.lora_targets
+                                              or not all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise ConfigError("lora_targets", f"must be a non-empty list of module names, got {self.lora_targets!r}")
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ConfigError("lora_r", "lora_alpha/lora_targets given without lora_r")
+        for name in ("pairwise_normalized", "add_eos", "resume", "compile", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
 
     def _check_choices(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
-                              ("schedule", (None, *SCHEDULES))):
+                              ("schedule", (None, *SCHEDULES)), ("shard", SHARDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"unknown value {getattr(self, name)!r}",
                                   allowed=[a for a in allowed if a is not None])
         losses.get_loss(self.loss)
+        if self.shard == "fsdp" and self.lora_r is not None:
+            raise ConfigError("lora_r", "LoRA with shard='fsdp' is not supported; use shard='ddp' (the base model "
+                              "is frozen, so only the adapters are all-reduced)")
+        if self.shard == "fsdp" and self.pairwise_normalized:
+            raise ConfigError("pairwise_normalized", "not supported with shard='fsdp' (its gradient norms need "
+                              "the whole model on every rank)")
 
     @property
     def resolved_loss_kwargs(self) -> dict:
@@ -151,6 +184,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The resume-compatibility record: every field that changes what a step computes
         (not :data:`RUN_OPTIONS`), loss parameters resolved, JSON-ready (tensors as lists)."""
-        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_OPTIONS}
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_OPTIONS
+                  and not (f.name in LORA_FIELDS and self.lora_r is None)}  # full fine-tuning: as before
         record["loss_kwargs"] = self.resolved_loss_kwargs
         return json.loads(json.dumps(record, default=lambda t: t.tolist()))

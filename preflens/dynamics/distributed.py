@@ -2,8 +2,8 @@
 
 Under ``torchrun`` (env ``WORLD_SIZE`` > 1) :func:`distributed` joins (or creates) the process
 group -- NCCL on CUDA, gloo on CPU -- and :func:`wrap_model` wraps the scoring module for data
-parallelism. Strategies: ``"ddp"`` (``DistributedDataParallel``; gradients averaged over ranks).
-A sharded strategy (FSDP2) plugs in at :func:`wrap_model` and :func:`unwrap_model`.
+parallelism. Strategies: ``"ddp"`` (``DistributedDataParallel``; gradients averaged over ranks),
+``"fsdp"`` (FSDP2 per-block sharding, gradients averaged over ranks; :mod:`preflens.dynamics.fsdp`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch.distributed as dist
 from preflens.errors import ConfigError
 
 __all__ = ["DistEnv", "distributed", "wrap_model", "unwrap_model", "all_reduce_sum", "barrier", "no_sync",
-           "STRATEGIES"]
+           "is_sharded", "STRATEGIES"]
 
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,20 @@ def distributed(device: str | torch.device | None, default: torch.device) -> Ite
             dist.destroy_process_group()
 
 
-def wrap_model(module: torch.nn.Module, env: DistEnv, strategy: str = "ddp") -> torch.nn.Module:
-    """``module`` ready for ``env``: itself on one process, else wrapped by ``strategy``."""
+def wrap_model(module: torch.nn.Module, env: DistEnv, strategy: str = "ddp", *, bf16: bool = False
+               ) -> torch.nn.Module:
+    """``module`` ready for ``env``: itself on one process, else wrapped by ``strategy``.
+
+    ``"fsdp"`` shards ``module`` in place (its ``.model``'s decoder blocks are the units; ``bf16``:
+    bf16 compute parameters, fp32 gradient reduction) and returns it."""
     if strategy not in STRATEGIES:
         raise ConfigError("strategy", f"unknown value {strategy!r}", allowed=STRATEGIES)
     if env.world_size == 1:
         return module
+    if strategy == "fsdp":
+        from preflens.dynamics import fsdp
+
+        return fsdp.shard_model(module, fsdp.decoder_blocks(module.model), bf16=bf16)
     ids = [env.device] if env.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
@@ -90,8 +98,18 @@ def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was sharded by FSDP2 (:func:`wrap_model` with ``"fsdp"``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def no_sync(module: torch.nn.Module, sync: bool):
     """Skip the gradient all-reduce of this backward unless ``sync`` (gradient accumulation)."""
+    if is_sharded(module):
+        module.set_requires_gradient_sync(sync)
+        return nullcontext()
     if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return module.no_sync()

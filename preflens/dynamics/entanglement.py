@@ -25,7 +25,7 @@ import torch
 
 from preflens.dynamics.ghost import GhostCapture, select_parameters, summed_token_logprobs
 from preflens.errors import ConfigError
-from preflens.scoring import Encoded, collate, encode_pairs, eval_mode, final_hidden, logit_head
+from preflens.scoring import Encoded, collate, encode_pairs, eval_mode, final_hidden, length_buckets, logit_head
 
 __all__ = [
     "GradientStats",
@@ -45,6 +45,7 @@ __all__ = [
 
 CASES = ("ideal", "both_down", "both_up", "chosen_down_rejected_up", "zero_weight")
 _METHODS = ("ghost", "exact")
+GHOST_CPU_MAX_TOKENS = 1024  # padded tokens per ghost forward on a CPU (see _ghost_pair_dots)
 
 
 @dataclass(frozen=True)
@@ -143,23 +144,28 @@ def _encode_pairs(lm, pairs, add_eos: bool) -> tuple[list[Encoded], list[Encoded
     return list(enc.chosen), list(enc.rejected)
 
 
-def _ghost_pair_dots(model, enc_w, enc_l, pad_id, selected, batch_size, cross=True):
-    """(ip, n_w², n_l², u_w, u_l) float64 [n] via one forward + backward per batch of pairs."""
-    out = {k: [] for k in ("ip", "nw", "nl", "uw", "ul")}
+def _ghost_pair_dots(model, enc_w, enc_l, pad_id, selected, batch_size, cross=True, max_tokens="auto"):
+    """(ip, n_w², n_l², u_w, u_l) float64 [n] via one forward + backward per batch of pairs.
+
+    Pairs are length-bucketed into batches of ≤ ``batch_size`` pairs and, with ``max_tokens``,
+    ≤ ``max_tokens`` padded tokens (both rows of a pair counted; "auto": :data:`GHOST_CPU_MAX_TOKENS`
+    on a CPU, no cap on a GPU). The autograd graph of a batch is the memory that grows with it.
+    """
+    n = len(enc_w)
+    out = torch.zeros(5, n, dtype=torch.float64)
     cap = GhostCapture(model, selected)
     device = next(model.parameters()).device
-    for s in range(0, len(enc_w), batch_size):
-        w, l = enc_w[s:s + batch_size], enc_l[s:s + batch_size]
-        k = len(w)
-        cap.run(collate(list(w) + list(l), pad_id=pad_id, device=device))
-        W, L = slice(0, k), slice(k, 2 * k)
-        with torch.no_grad():
-            out["nw"].append(cap.dots(W, W).cpu())
-            out["nl"].append(cap.dots(L, L).cpu())
-            out["ip"].append(cap.dots(W, L).cpu() if cross else torch.zeros(k, dtype=torch.float64))
-        out["uw"].append(cap.u[W].cpu())
-        out["ul"].append(cap.u[L].cpu())
-    return tuple(torch.cat(out[key]) for key in ("ip", "nw", "nl", "uw", "ul"))
+    if max_tokens == "auto":
+        max_tokens = GHOST_CPU_MAX_TOKENS if device.type == "cpu" else None
+    lengths = [max(len(a), len(b)) for a, b in zip(enc_w, enc_l)]
+    budget = None if max_tokens is None else max(1, max_tokens // 2)
+    for idx in length_buckets(lengths, batch_size, max_tokens=budget):
+        k = len(idx)
+        batch = collate([enc_w[i] for i in idx] + [enc_l[i] for i in idx], pad_id=pad_id, device=device)
+        nw, nl, ip = cap.pair_dots(batch, k, cross=cross)
+        ip = ip if ip is not None else torch.zeros_like(nw)
+        out[:, idx] = torch.stack([ip, nw, nl, cap.u[:k], cap.u[k:]]).cpu()
+    return tuple(out)
 
 
 def _exact_pair_dots(model, enc_w, enc_l, pad_id, selected):

@@ -26,6 +26,18 @@ gradient at row b's activations is ∂u_b/∂·). Then, never materializing a pe
 * The head: logits = head(z), z = h Wᵀ + b (:class:`preflens.scoring.LogitHead`: Gemma 2
   soft-capping c·tanh(z/c), logit scales). δ above is ∂ log π(y)/∂z = (e_y − π) ⊙ head'(z).
 
+Streaming form (:meth:`GhostCapture.pair_dots`, what :mod:`preflens.dynamics.entanglement` uses):
+for a fixed set of row pairings (a_i, b_i) -- (w, w), (l, l), (w, l) for pairs -- each layer's
+contribution is computed inside the backward, in a hook on its output gradient, and its A and B are
+dropped at once; the vocabulary side of the unembedding is streamed in chunks (log-normalizers
+first, then δ chunk by chunk), so neither a ``[rows, R, V]`` δ nor any layer's activations outlive
+their use. Per layer the cheaper of two exact forms is taken (the mixed ghost norm of Bu et al.
+2022, "Scalable and Efficient Training of Large Convolutional Neural Networks with Differential
+Privacy", §3, which picks per layer between the Gram form and instantiating per-example gradients):
+the Gram form costs P·S²·(d_in + d_out) multiply-adds for P pairings of S-token rows, the
+per-row gradients G_b = A_bᵀB_b cost rows·S·d_in·d_out + P·d_in·d_out; the Gram form is used when
+it is the cheaper (Bu et al.'s criterion 2S² < d_in·d_out compares the memory of the two forms).
+
 Linear maps (GPT-2 Conv1D, nn.Linear: fused or separate q/k/v with biases, GQA projections,
 gated MLPs), embeddings (tied or not), norms and the head cover every parameter of GPT-2,
 GPT-NeoX, Llama, Qwen2, Mistral, Gemma 2 and OLMo, so the sum equals the exact inner product.
@@ -45,7 +57,7 @@ from preflens.scoring import Batch, final_hidden, head_logits, logit_head, token
 
 __all__ = ["PRESETS", "select_parameters", "summed_token_logprobs", "GhostCapture"]
 
-PRESETS = ("all", "unembed", "last_block", "embeddings", "attention", "mlp")
+PRESETS = ("all", "unembed", "last_block", "embeddings", "attention", "mlp", "lora")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:h|layers|blocks|layer)\.(\d+)\.")
 
 
@@ -83,7 +95,8 @@ def select_parameters(
     regex (``re.search`` on names) or a preset: ``"unembed"`` (output-embedding weight and bias; in
     a tied model this IS the token embedding, whose gradient is the sum of both uses),
     ``"all"`` (= ``None``), ``"last_block"`` (every parameter of the last transformer block, not
-    the final norm), ``"embeddings"`` (token + position embeddings), ``"attention"``, ``"mlp"``.
+    the final norm), ``"embeddings"`` (token + position embeddings), ``"attention"``, ``"mlp"``,
+    ``"lora"`` (the A and B matrices of LoRA adapters, :mod:`preflens.dynamics.lora`).
     ``include_layernorm=False`` drops the weights and biases of norms of any kind (LayerNorm,
     RMSNorm, Gemma's (1 + w) RMSNorm) from any selection.
 
@@ -133,6 +146,8 @@ def _preset(model, preset, trainable, owners) -> dict[str, torch.nn.Parameter]:
 
     if preset == "unembed":
         return by_module([model.get_output_embeddings()])
+    if preset == "lora":  # LoRA adapters' A and B (peft names: ...lora_A.<adapter>.weight)
+        return {n: p for n, p in trainable.items() if ".lora_A." in n or ".lora_B." in n}
     if preset == "embeddings":
         return by_module([model.get_input_embeddings(), getattr(model.base_model, "wpe", None)])
     if preset == "last_block":
@@ -188,6 +203,14 @@ def _norm_coefficient(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     base = functional_call(module, params, (x.to(acc),))
     shifted = functional_call(module, {**params, "weight": params["weight"] + 1}, (x.to(acc),))
     return shifted.to(acc) - base.to(acc)
+
+
+HEAD_CHUNK_ELEMS = 1 << 22  # logits per vocabulary chunk of the streamed head ([rows, R, chunk])
+
+
+def _rowsum(t: torch.Tensor) -> torch.Tensor:
+    """Per-row (dim 0) sums, accumulated in float64 without a float64 copy."""
+    return t.flatten(1).sum(1, dtype=torch.float64)
 
 
 @dataclass
@@ -332,6 +355,155 @@ class GhostCapture:
         keep = self.unembed or self.unembed_bias
         self.h, self.delta = (h, delta) if keep else (None, None)
         return grad_hidden
+
+    # -------------------------------------------------------------------------------- streaming
+    def pair_dots(self, batch: Batch, k: int, cross: bool = True):
+        """``(‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩ or None)``, each ``[k]`` float64, for chosen rows ``[0, k)``
+        and rejected rows ``[k, 2k)`` of ``batch`` (one forward, one backward; streaming form of
+        the module docstring). Sets ``u`` [2k]; leaves parameters' ``.grad`` untouched."""
+        device = batch.input_ids.device
+        w_rows, l_rows = torch.arange(k, device=device), torch.arange(k, 2 * k, device=device)
+        left = torch.cat([w_rows, l_rows] + ([w_rows] if cross else []))  # pairing i: rows
+        right = torch.cat([w_rows, l_rows] + ([l_rows] if cross else []))  # left[i], right[i]
+        acc = torch.zeros(len(left), dtype=torch.float64, device=device)
+        live, seq = batch.attention_mask[..., None], batch.input_ids.shape[1]
+        handles, store, seen = [], {}, set()
+        for site in self.sites:
+            def hook(mod, args, out, site=site):
+                if id(site) in seen:
+                    raise ModelError(f"module {type(mod).__name__} ran twice in one forward; "
+                                     "ghost inner products need each module used once")
+                seen.add(id(site))
+                held = [args[0]]  # released by the backward hook below
+                if out.requires_grad:
+                    out.register_hook(lambda g: self._site_dots(site, held.pop(), g, left, right, acc,
+                                                                live, seq))
+            handles.append(site.module.register_forward_hook(hook))
+
+        def emb_hook(mod, args, out):  # the backward's target: upstream of every site
+            if not out.requires_grad:  # frozen token embedding: still need ∂u/∂(its output)
+                out = out.detach().requires_grad_()
+            store["emb"] = out
+            return out
+        handles.append(self.emb.register_forward_hook(emb_hook))
+        try:
+            hidden = final_hidden(self.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_hidden = self._head_stream(hidden, batch, cdt, left, right, acc)
+        (c,) = torch.autograd.grad(hidden, [store["emb"]], grad_outputs=grad_hidden, allow_unused=True)
+        with torch.no_grad():
+            c = torch.zeros_like(store["emb"], dtype=cdt) if c is None else c.detach().to(cdt)
+            c = c * live.to(cdt) * self.emb_scale
+            ids = batch.input_ids
+            if self.tok:
+                same = ids[left][:, :, None] == ids[right][:, None, :]
+                acc += _rowsum(self._gram(c[left], c[right]) * same)
+            if self.pos:
+                acc += _rowsum(c[left] * c[right])
+            if self.unembed and self.tied and self.tok:
+                acc += self._cross_stream(c, ids, left, right) + self._cross_stream(c, ids, right, left)
+        self._stream = None
+        acc = acc.view(-1, k)
+        return acc[0], acc[1], (acc[2] if cross else None)
+
+    @torch.no_grad()
+    def _site_dots(self, site: _Site, x, g, left, right, acc, live, seq) -> None:
+        """Add one site's ⟨G_left, G_right⟩ to ``acc`` (a backward hook; returns None)."""
+        cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
+        g = g.detach().to(cdt) * live.to(cdt)
+        if site.kind == "norm":
+            if site.weight:
+                vec = (g * _norm_coefficient(site.module, x.detach()).to(cdt)).sum(1)
+                acc += _rowsum(vec[left] * vec[right])
+        elif site.weight:
+            x = x.detach().to(cdt)
+            d_in, d_out, pairings, rows = x.shape[-1], g.shape[-1], len(left), x.shape[0]
+            if pairings * seq * seq * (d_in + d_out) < rows * seq * d_in * d_out + pairings * d_in * d_out:
+                acc += _rowsum(self._gram(x[left], x[right]) * self._gram(g[left], g[right]))
+            else:  # per-row gradients [rows, d_in, d_out], then plain dot products
+                per_row = torch.matmul(x.transpose(1, 2), g)
+                acc += torch.stack([(per_row[a] * per_row[b]).sum(dtype=torch.float64)
+                                    for a, b in zip(left.tolist(), right.tolist())])
+        if site.bias:
+            vb = g.sum(1)
+            acc += _rowsum(vb[left] * vb[right])
+
+    @torch.no_grad()
+    def _head_stream(self, hidden, batch, cdt, left, right, acc) -> torch.Tensor:
+        """``u``, ∂Σu/∂hidden = δ W and the unembedding terms, the vocabulary in chunks.
+
+        Pass 1 accumulates the log-normalizer lse = log Σ_v exp(logit_v) (one pass only when the
+        vocabulary fits in one chunk); pass 2 forms δ = (e_y − exp(logit − lse)) ⊙ head'(z) per
+        chunk and adds δ_c W_c to the hidden gradient and δ_c,a δ_c,bᵀ to the [R, R] Gram of each
+        pairing. Same log-softmax as :func:`preflens.scoring.target_logprobs` up to summation order.
+        """
+        mask = batch.response_mask
+        n_resp = mask.sum(1)
+        valid = torch.arange(int(n_resp.max()), device=mask.device)[None, :] < n_resp[:, None]
+        rows, R = valid.shape
+        h = hidden.new_zeros(rows, R, hidden.shape[-1], dtype=cdt)
+        h[valid] = hidden[mask].to(cdt)
+        y = torch.zeros(valid.shape, dtype=torch.long, device=mask.device)
+        y[valid] = batch.targets[mask]
+        w = self.head.weight.detach().to(cdt)
+        b = getattr(self.head, "bias", None)
+        b = None if b is None else b.detach().to(cdt)
+        V, head = w.shape[0], self.logit_head
+        chunk = max(256, HEAD_CHUNK_ELEMS // max(1, rows * R))
+
+        def z_of(c0):
+            z = torch.matmul(h, w[c0:c0 + chunk].T)
+            return z if b is None else z.add_(b[c0:c0 + chunk])
+
+        lse, whole = torch.full((rows, R), -torch.inf, dtype=cdt, device=h.device), None
+        for c0 in range(0, V, chunk):
+            z = z_of(c0)
+            lse = torch.logaddexp(lse, torch.logsumexp(head(z), -1))
+            whole = z if chunk >= V else None
+        z_y = (h * w[y]).sum(-1) + (b[y] if b is not None else 0)
+        self.u = ((head(z_y) - lse) * valid).double().sum(1)
+        vf = valid.to(cdt)
+        grad_h = torch.zeros_like(h)
+        dd = torch.zeros(len(left), R, R, dtype=cdt, device=h.device) if self.unembed else None
+        for c0 in range(0, V, chunk):
+            z = whole if whole is not None else z_of(c0)
+            width = z.shape[-1]
+            d = torch.exp_(head(z).sub_(lse[..., None])).neg_()
+            inside = (y >= c0) & (y < c0 + width)
+            d.scatter_add_(2, (y - c0).clamp(0, width - 1)[..., None], inside[..., None].to(cdt))
+            d = head.backward(z, d).mul_(vf[..., None])  # ∂/∂logits -> ∂/∂z
+            grad_h += torch.matmul(d, w[c0:c0 + width])
+            if self.unembed:
+                dd += self._gram(d[left], d[right])
+            if self.unembed_bias:
+                ds = d.sum(1)
+                acc += _rowsum(ds[left] * ds[right])
+        if self.unembed:
+            acc += _rowsum(self._gram(h[left], h[right]) * dd)
+        self._stream = (h, lse, y, vf)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden[mask] = grad_h[valid].to(hidden.dtype)
+        return grad_hidden
+
+    @torch.no_grad()
+    def _cross_stream(self, c, ids, ia, ib) -> torch.Tensor:
+        """Tied cross term ⟨G_E(a), G_U(b)⟩ = Σ_{t,s} δ_b[s, x_a[t]] (c_a[t]·h_b[s]) per pairing,
+        with δ_b at the needed columns only: (1[y_b,s = v] − exp(logit_b,s[v] − lse_b,s))·head'(z)."""
+        h, lse, y, vf = self._stream
+        cdt = c.dtype
+        w = self.head.weight.detach().to(cdt)
+        b = getattr(self.head, "bias", None)
+        xa, hb = ids[ia], h[ib]
+        z = torch.matmul(hb, w[xa].transpose(1, 2))  # [pairings, R, S]
+        if b is not None:
+            z += b.detach().to(cdt)[xa][:, None, :]
+        picked = (y[ib][:, :, None] == xa[:, None, :]).to(cdt) - torch.exp(
+            self.logit_head(z) - lse[ib][..., None])
+        picked = self.logit_head.backward(z, picked).mul_(vf[ib][..., None])
+        return _rowsum(self._gram(hb, c[ia]) * picked)
 
     # -------------------------------------------------------------------------------- dots
     @staticmethod

@@ -175,17 +175,26 @@ class RunDir:
             raise TrainingError(f"step {metrics['step']}: could not write {self.metrics_path}: "
                                 f"{exc.strerror or exc}; last good checkpoint: {last_ckpt or 'none'}") from exc
 
-    def save(self, step: int, steps_per_epoch: int, model, optimizer, callbacks, keep: int) -> Path | None:
+    def save(self, step: int, steps_per_epoch: int, model, optimizer, callbacks, keep: int, *,
+             trainable_only: bool = False, sharded=None) -> Path | None:
         """Checkpoint ``step`` (data cursor, run record, callback state); its path, None when not
-        checkpointing. Only the main rank writes."""
+        checkpointing. Only the main rank writes, except ``sharded=(wrapped_model, env)``: every
+        rank writes its shard (:func:`preflens.dynamics.fsdp.save_sharded_checkpoint`; call on
+        every rank). ``trainable_only``: the weights of trainable parameters only (LoRA)."""
         if not self.checkpointing:
             return None
+        epoch, position = divmod(step, steps_per_epoch)
+        plain, tensors = callbacks.state()
+        meta = {"cursor": {"epoch": epoch, "position": position}, "config": self.record, "callbacks": plain}
+        if sharded is not None:
+            from preflens.dynamics.fsdp import save_sharded_checkpoint
+
+            wrapped, env = sharded
+            return save_sharded_checkpoint(self.checkpoints, step, model=wrapped, optimizer=optimizer, meta=meta,
+                                           keep=keep, rank=env.rank, world=env.world_size, extra_tensors=tensors)
         if self.writes:
-            epoch, position = divmod(step, steps_per_epoch)
-            plain, tensors = callbacks.state()
-            meta = {"cursor": {"epoch": epoch, "position": position}, "config": self.record, "callbacks": plain}
             save_checkpoint(self.checkpoints, step, model=model, optimizer=optimizer, meta=meta, keep=keep,
-                            extra_tensors=tensors)
+                            extra_tensors=tensors, trainable_only=trainable_only)
         return self.checkpoints / f"step-{step:08d}"
 
     def history(self) -> list[dict]:

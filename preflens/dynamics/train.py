@@ -47,12 +47,13 @@ from pathlib import Path
 import torch
 
 from preflens.data import PreferencePair
-from preflens.dynamics import losses
+from preflens.dynamics import fsdp, lora, losses
 from preflens.dynamics.callbacks import Callback, CallbackList, TrainState
 from preflens.dynamics.checkpoint import (list_checkpoints, load_extra_tensors, load_latest, save_checkpoint,
                                           truncate_metrics)
 from preflens.dynamics.config import OPTIMIZERS, TrainConfig, lr_at
-from preflens.dynamics.distributed import DistEnv, all_reduce_sum, barrier, distributed, no_sync, wrap_model
+from preflens.dynamics.distributed import (DistEnv, all_reduce_sum, barrier, distributed, is_sharded, no_sync,
+                                          wrap_model)
 from preflens.dynamics.entanglement import pair_gradient_norms
 from preflens.dynamics.refcache import data_digest, pair_logprobs, reference_logprobs
 from preflens.dynamics.rundir import RunDir
@@ -79,6 +80,7 @@ class RunResult:
     checkpoint_path: Path | None
     steps: int
     history: list[dict]
+    peft_model: object = None  # LoRA runs: the PeftModel (save_pretrained, disable_adapter, merge_and_unload)
 
 
 def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, min_size: int = 1) -> list[list[int]]:
@@ -210,11 +212,22 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
         raise ConfigError("optimizer_kwargs", str(exc)) from exc
 
 
-def resume(run: RunDir, cfg: TrainConfig, policy, opt, callbacks: CallbackList) -> tuple[int, Path | None]:
-    """Load the newest good checkpoint (weights, optimizer, RNG, callback state): ``(step, path)``."""
+def resume(run: RunDir, cfg: TrainConfig, policy, model, opt, callbacks: CallbackList,
+           env: DistEnv) -> tuple[int, Path | None]:
+    """Load the newest good checkpoint (weights, optimizer, RNG, callback state): ``(step, path)``.
+
+    A sharded checkpoint (written with ``shard="fsdp"``, any number of processes) loads into any
+    strategy and world size; a plain one into a plain or DDP run (LoRA runs: the adapters only)."""
     if not cfg.resume or run.out_dir is None:
         return 0, None
-    found = load_latest(run.checkpoints, model=policy, optimizer=opt)
+    found_all = list_checkpoints(run.checkpoints)
+    if found_all and fsdp.is_sharded_checkpoint(found_all[-1]):
+        found = fsdp.load_sharded_latest(run.checkpoints, model=model, optimizer=opt, world=env.world_size)
+    elif found_all and is_sharded(model):
+        raise TrainingError(f"checkpoint {found_all[-1]} was not written with shard='fsdp'; resume it with "
+                            "shard='ddp', or pass resume=False to start over")
+    else:
+        found = load_latest(run.checkpoints, model=policy, optimizer=opt, trainable_only=cfg.lora_r is not None)
     if found is None:
         return 0, None
     path, state = found
@@ -311,16 +324,23 @@ def train_step(model, policy, params, data: TrainData, refs: dict, idx: list[int
                                        lp.rejected_tokens)
         sums.add(loss.detach(), detached, ref, batch.attention_mask.sum())
     if cfg.max_grad_norm is not None:
-        return sums, torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    return sums, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return sums, fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    return sums, fsdp.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
-def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv) -> dict:
-    """``eval/*`` metrics of the policy on the eval pairs (each rank scores its strided share)."""
+def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, model=None) -> dict:
+    """``eval/*`` metrics of the policy on the eval pairs (each rank scores its strided share;
+    FSDP: every rank scores every pair -- the same forwards on every rank, the root unit gathered)."""
+    sharded = model is not None and is_sharded(model)
+    if sharded:
+        env = DistEnv(env.device)  # this rank computes the totals itself: no reduce
+        model.unshard()
     batches = eval_batches(data.eval.lengths, env.rank, env.world_size)
     mine = sorted(i for b in batches for i in b)
     u_w, u_l = pair_logprobs(policy, data.eval, batches=batches, pad_id=data.pad_id, device=env.device,
                              precision=cfg.precision)
+    if sharded:
+        model.reshard()
     lens = [torch.tensor([len(x[i].response_ids) for i in mine], dtype=torch.float64)
             for x in (data.eval.chosen, data.eval.rejected)]
     lp = ChosenRejectedLogps(u_w[mine], u_l[mine], *lens)
@@ -335,10 +355,10 @@ def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv
 
 # ----------------------------------------------------------------------------- the loop
 def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: RunDir, callbacks: CallbackList,
-          opt, params, start: int, last_ckpt: Path | None) -> RunResult:
+          model, opt, params, start: int, last_ckpt: Path | None, peft_model=None) -> RunResult:
     policy, total = lm.model, data.total_steps
     parts = env.world_size * cfg.grad_accum
-    model = wrap_model(SequenceLogps(policy), env)
+    sharded = is_sharded(model)
     state = TrainState(step=start, total_steps=total, epoch=max(start - 1, 0) // data.steps_per_epoch, metrics={},
                        model=policy, lm=lm, rank=env.rank, world_size=env.world_size, out_dir=run.out_dir,
                        config=cfg, optimizer=opt, ref_logps=refs.get("train"))  # updated in place each step
@@ -366,18 +386,22 @@ def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: 
                        "tokens_per_s": t["tokens"] / max(now - t_prev, 1e-9)}
             t_prev = now
             if data.eval is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
-                metrics.update(evaluate(policy, data, refs, cfg, env))
+                metrics.update(evaluate(policy, data, refs, cfg, env, model))
             state.step, state.epoch, state.metrics = step + 1, step // data.steps_per_epoch, metrics
             state.batch, state.batch_indices = [data.pairs[i] for i in idx], idx
             callbacks.on_step(state)
             run.log(metrics, last_ckpt)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total:
-                last_ckpt = run.save(step + 1, data.steps_per_epoch, policy, opt, callbacks, cfg.keep_checkpoints) or last_ckpt
+                last_ckpt = run.save(step + 1, data.steps_per_epoch, policy, opt, callbacks, cfg.keep_checkpoints,
+                                     trainable_only=peft_model is not None,
+                                     sharded=(model, env) if cfg.shard == "fsdp" else None) or last_ckpt
                 barrier(env)
         callbacks.on_end(state)
+        if sharded:  # hand back a plain module holding the full trained weights (every rank)
+            lm.model = fsdp.gather_plain_model(policy, model)
         barrier(env)
     history = run.history()
-    return RunResult(history[-1] if history else {}, run.metrics_path, last_ckpt, total, history)
+    return RunResult(history[-1] if history else {}, run.metrics_path, last_ckpt, total, history, peft_model)
 
 
 def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs=None, callbacks=(),
@@ -391,7 +415,10 @@ def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs
     (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``ref_cache/``); None writes nothing.
     ``checkpoint=False``: no checkpoints (throwaway runs). ``ref``: the reference, an LM or HF
     module (default: the initial policy). Under ``torchrun`` (env ``WORLD_SIZE`` > 1) it runs
-    DDP (gloo on CPU, NCCL on GPU); only rank 0 writes files. Resuming (``config.resume``, the
+    DDP, or FSDP2 with ``shard="fsdp"`` (gloo on CPU, NCCL on GPU); only rank 0 writes files
+    (sharded checkpoints: every rank its shard). After an FSDP run ``lm.model`` is a new plain
+    module with the full trained weights. LoRA (``lora_r``): adapters are attached to
+    ``lm.model`` in place after the reference is scored; ``RunResult.peft_model`` holds them. Resuming (``config.resume``, the
     default) continues from the newest good checkpoint, bit-identical to an uninterrupted run
     on CPU fp32 (``tokens_per_s`` aside), callback state included.
 
@@ -420,16 +447,23 @@ def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs
             ref_model = getattr(ref, "model", ref) if ref is not None else policy
             refs = reference_logps(ref_model, data, cfg, env, cfg.ref_cache_dir or run.ref_cache)
             torch.manual_seed(cfg.seed)
+            peft_model = None
+            if cfg.lora_r is not None:  # after the reference: the cached log-probs are the base model's
+                peft_model = lora.attach_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+            if cfg.activation_checkpointing:
+                fsdp.enable_activation_checkpointing(policy)
             if cfg.compile:
                 policy.base_model.compile()
-            params = [p for p in policy.parameters() if p.requires_grad]
+            model = wrap_model(SequenceLogps(policy), env, cfg.shard,
+                               bf16=cfg.precision == "bf16" and env.device.type == "cuda")
+            params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: DTensors
             opt = make_optimizer(params, cfg, env.device)
             if not cfg.resume:
                 run.drop_checkpoints()
-            start, last_ckpt = resume(run, cfg, policy, opt, hooks)
+            start, last_ckpt = resume(run, cfg, policy, model, opt, hooks, env)
             run.start(start, record, info={"model": lm.name, "data_path": _data_path(pairs),
                                            "steps": cfg.steps, "epochs": cfg.epochs})
-            return _loop(lm, data, refs, cfg, env, run, hooks, opt, params, start, last_ckpt)
+            return _loop(lm, data, refs, cfg, env, run, hooks, model, opt, params, start, last_ckpt, peft_model)
 
 
 def _data_path(pairs) -> str | None:

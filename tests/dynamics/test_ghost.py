@@ -195,3 +195,64 @@ def test_ghost_equals_exact_fp32_toyworld():
     ghost = pair_gradient_stats(lm, pairs, method="ghost")
     exact = pair_gradient_stats(lm, pairs, method="exact")
     _assert_close(ghost, exact, 1e-4)
+
+
+def _streamed_vs_stored(model, enc_w, enc_l, pad_id, params=None):
+    """pair_dots (streaming, per-layer mixed form) vs run + dots (stored activations, Gram form)."""
+    from preflens.dynamics.ghost import GhostCapture
+    from preflens.scoring import collate
+
+    sel = select_parameters(model, params)
+    batch = collate(list(enc_w) + list(enc_l), pad_id=pad_id)
+    k = len(enc_w)
+    stored = GhostCapture(model, sel)
+    stored.run(batch)
+    W, L = slice(0, k), slice(k, 2 * k)
+    want = [stored.dots(W, W), stored.dots(L, L), stored.dots(W, L)]
+    got = GhostCapture(model, sel).pair_dots(batch, k)
+    return got, want
+
+
+def test_streaming_per_row_gradient_branch_and_vocab_chunks_match(monkeypatch):
+    """Long rows make every tiny-random linear map take the per-row-gradient form
+    (pairings·S²·(d_in+d_out) > rows·S·d_in·d_out); a small chunk streams the vocabulary."""
+    import preflens.dynamics.ghost as ghost
+
+    lm = as_f64(load_model("tiny-random", device="cpu"))
+    words = " alpha beta gamma delta epsilon zeta eta theta" * 5
+    enc_w = encode(lm.tokenizer, ["Start:", "Other start here"], [words, words[:120]])
+    enc_l = encode(lm.tokenizer, ["Start:", "Other start here"], [words[:150], " short"])
+    assert max(len(e) for e in enc_w + enc_l) > 90  # 3·S²·(64+64) > 4·S·64·64 for S > ~43
+    calls = {"per_row": 0}
+    real_matmul = torch.matmul
+
+    def counting(a, b, *args, **kw):  # count per-row gradient products [rows, d_in, S] @ [rows, S, d_out]
+        if a.dim() == 3 and b.dim() == 3 and a.shape[1] == 64 and a.shape[2] == b.shape[1] > 90:
+            calls["per_row"] += 1
+        return real_matmul(a, b, *args, **kw)
+
+    monkeypatch.setattr(ghost, "HEAD_CHUNK_ELEMS", 1000)  # ~256-column vocabulary chunks
+    monkeypatch.setattr(torch, "matmul", counting)
+    got, want = _streamed_vs_stored(lm.model, enc_w, enc_l, lm.pad_id)
+    monkeypatch.setattr(torch, "matmul", real_matmul)
+    assert calls["per_row"] > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+
+
+def test_token_budget_splits_batches_without_changing_results():
+    from preflens.dynamics.entanglement import encoded_gradient_stats
+    import preflens.dynamics.entanglement as ent
+
+    lm = as_f64(load_model("tiny-random", device="cpu"))
+    enc_w = encode(lm.tokenizer, [p.prompt for p in PAIRS], [p.chosen for p in PAIRS])
+    enc_l = encode(lm.tokenizer, [p.prompt for p in PAIRS], [p.rejected for p in PAIRS])
+    one = encoded_gradient_stats(lm.model, enc_w, enc_l, pad_id=lm.pad_id, batch_size=8)
+    old = ent.GHOST_CPU_MAX_TOKENS
+    try:
+        ent.GHOST_CPU_MAX_TOKENS = 2 * max(max(len(a), len(b)) for a, b in zip(enc_w, enc_l))  # 1 pair each
+        split = encoded_gradient_stats(lm.model, enc_w, enc_l, pad_id=lm.pad_id, batch_size=8)
+    finally:
+        ent.GHOST_CPU_MAX_TOKENS = old
+    for f in ("inner", "norm_w_sq", "norm_l_sq", "u_w", "u_l"):
+        torch.testing.assert_close(getattr(split, f), getattr(one, f), rtol=1e-12, atol=1e-12)

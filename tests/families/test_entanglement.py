@@ -68,7 +68,7 @@ def test_ghost_equals_exact_equals_autograd_all_parameters(lm):
         assert float(ghost.u_l[i]) == pytest.approx(ul, rel=REL)
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "all"] + ["no_norms"])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in ("all", "lora")] + ["no_norms"])
 def test_every_preset_ghost_equals_exact(lm, preset):
     lm64 = _f64(lm)
     kw = dict(params=None, include_layernorm=False) if preset == "no_norms" else dict(params=preset)
