@@ -15,6 +15,7 @@ process; GPU: ``torch.cuda.max_memory_allocated`` from model load on), MFU on GP
 reference pass) and the step-1 loss (both must be ln 2).
 
     python benchmarks/bench_dpo.py                                   # CPU, tiny-random
+    python benchmarks/bench_dpo.py --device cuda --model llama-1b-random --precision bf16   # random Llama-3.2-1B shapes
     python benchmarks/bench_dpo.py --device cuda --model gpt2-small-random --precision bf16 \\
         --pairs 32 --seq 512 --json-out bench_gpu.json                 # the GPU configuration
 """
@@ -78,6 +79,8 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import random_llama  # noqa: F401 - registers the llama-*-random configs
     from preflens.data import PreferencePair
     from preflens.models import load_model
     from preflens.scoring import encode

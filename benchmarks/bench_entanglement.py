@@ -22,6 +22,11 @@ Usage::
     python benchmarks/bench_entanglement.py                      # CPU: 4 pairs x 32 tokens
     python benchmarks/bench_entanglement.py --device cuda        # GPU: 64 pairs x 256 tokens
     python benchmarks/bench_entanglement.py --json-out out.json --methods ghost,exact
+    python benchmarks/bench_entanglement.py --sweep 32,64,128,256,512 --pairs 2   # ghost vs exact by length
+
+``--sweep`` runs ghost and exact at each sequence length and prints one row per length: speedup,
+ghost's peak memory over exact's, max relative error (issue 17 targets: ≥ 5× and ≤ 2× memory
+from 32 to 512 tokens on CPU, ≤ 1e-3 error).
 
 Targets (issue 6): ghost ≥ 10× the exact loop on GPU, ≥ 5× on CPU, at ≤ 1e-3 relative error.
 """
@@ -77,8 +82,21 @@ def _rss_kb(field: str) -> int | None:
         return None
 
 
+def _trim() -> None:
+    """Return freed heap to the OS (glibc), so the next RSS baseline is not inflated by it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn, device: torch.device):
     """(result, seconds, peak extra bytes or None)."""
+    _trim()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -171,7 +189,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method; the minimum is reported")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed 1-pair warm-up")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--sweep", default=None, metavar="T1,T2,...",
+                    help="ghost vs exact at each of these sequence lengths (one table row each)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sweep:
+        return sweep(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     n = args.pairs or (64 if gpu else 4)
@@ -257,6 +282,50 @@ def main(argv=None) -> dict:
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(out)
+    return report
+
+
+def sweep(args) -> dict:
+    """Ghost vs exact at several lengths: speedup, peak-memory ratio, error (one row per length)."""
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    n, batch_size = args.pairs or (64 if gpu else 2), args.batch_size or (16 if gpu else 8)
+    lm = load_model(args.model, device=device)
+    model = lm.model.eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    lengths = [min(int(t), lm.n_ctx) for t in args.sweep.split(",")]
+    if not args.no_warmup:
+        w, l = make_pairs(vocab, lm.eos_id, 1, lengths[0], args.seed)
+        for method in ("ghost", "exact"):
+            run_stats(model, w, l, lm.pad_id, method, batch_size)
+    rows = []
+    print(f"{args.model} on {platform.processor() or platform.machine()} ({device}), {n} pairs per length, "
+          f"{torch.get_num_threads()} threads, {lm.dtype}")
+    print(f"{'tokens':>6} {'exact (s)':>10} {'ghost (s)':>10} {'speedup':>8} {'exact MiB':>10} {'ghost MiB':>10} "
+          f"{'mem ratio':>9} {'max rel err':>12}")
+    for tokens in lengths:
+        enc_w, enc_l = make_pairs(vocab, lm.eos_id, n, tokens, args.seed)
+        got = {}
+        for method in ("exact", "ghost"):
+            got[method] = [measure(lambda m=method: run_stats(model, enc_w, enc_l, lm.pad_id, m, batch_size), device)
+                           for _ in range(max(1, args.repeat))]
+        (ex, t_ex, m_ex), (gh, t_gh, m_gh) = (min(got[k], key=lambda r: r[1]) for k in ("exact", "ghost"))
+        row = {"tokens": tokens, "exact_s": t_ex, "ghost_s": t_gh, "speedup": t_ex / t_gh,
+               "exact_peak_bytes": m_ex, "ghost_peak_bytes": m_gh,
+               "mem_ratio": m_gh / m_ex if m_ex and m_gh is not None else None,
+               "max_rel_err": rel_err(gh, ex)}
+        rows.append(row)
+        mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "n/a"  # noqa: E731
+        ratio = f"{row['mem_ratio']:.2f}" if row["mem_ratio"] is not None else "n/a"
+        print(f"{tokens:>6} {t_ex:>10.2f} {t_gh:>10.2f} {row['speedup']:>7.1f}x {mib(m_ex):>10} {mib(m_gh):>10} "
+              f"{ratio:>9} {row['max_rel_err']:>12.1e}", flush=True)
+    report = {"config": {"model": args.model, "device": str(device), "pairs": n, "ghost_batch_size": batch_size,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__, "repeat": args.repeat},
+              "rows": rows}
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
     return report
 
 
