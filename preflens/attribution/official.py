@@ -4,7 +4,7 @@ the paper, for parity only.
 Source: Yu, Merullo, Pavlick, "Characterizing Mechanisms for Factual Recall in Language Models",
 EMNLP 2023 (arXiv 2310.15910), Sec. 5 (per-head direct logit attribution) and Sec. 6 (tuning
 sets, α sweeps); official code yuqinan/CounterfactsRecall (``codes/generate_heads.py``,
-``codes/rm_ffn_capitals_exp.py``). Each function names the departure it reproduces; the
+``codes/rm_ffn_capitals_exp.py``, ``codes/scale_graph.py``). Each function names the departure it reproduces; the
 corrected computations live in :mod:`preflens.attribution.heads` / :mod:`~.recall` (and the
 official α grids in :func:`preflens.attribution.scaling.official_alpha_grid`).
 """
@@ -12,6 +12,7 @@ official α grids in :func:`preflens.attribution.scaling.official_alpha_grid`).
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor
 
 from preflens.errors import ConfigError, DataError
 
-__all__ = ["head_attribution_batches", "memorized_capital_substring", "tuning_sets"]
+__all__ = ["head_attribution_batches", "memorized_capital_substring", "tuning_sets", "sweep_score",
+           "sweep_rates", "official_sweep"]
 
 
 def head_attribution_batches(scaled_components: Tensor, directions: Tensor, *, batch_size: int = 20,
@@ -116,3 +118,100 @@ def tuning_sets(records_by_decile: Mapping[str, Sequence[Mapping]], label_key: s
             picked = [recs[i] for i in rng.sample(ok, quota)]
         out[key] = picked
     return out
+
+
+# --------------------------------------------------------------------------- sweep scorer
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error as e:
+        raise DataError(f"target {pattern!r} is not a valid regular expression ({e}); the official "
+                        f"sweep scorer used targets as unescaped regexes", field="targets") from e
+
+
+def sweep_score(text: str, in_context_target: str, memorized_target: str) -> tuple[int, int]:
+    """The official α-sweep scorer (``scale_graph.intervention``, Yu et al. 2023, Sec. 6.2) on one
+    generated text; returns ``(in_context, memorized)``, each 0 or 1.
+
+    ``text`` is the decoded prompt + continuation (the official code decoded the full sequence).
+    It departs from the paper's rule (:func:`preflens.data.capitals.classify_continuation`) in three
+    ways, all reproduced here:
+
+    1. the answer is ``text`` from the FIRST ``"A:"`` on (the prompt's own ``"A:"``), cut before
+       the first ``"Q:"`` after it; no ``"A:"`` raised in the official code (DataError here);
+    2. the two outcomes are counted **non-exclusively**: a text naming both cities scores
+       ``(1, 1)`` (the paper's rule: memorized wins; neither is never counted);
+    3. targets are used as **unescaped regular expressions** (``re.findall(target, answer)``):
+       ``"."`` in e.g. ``" St. John's"`` matches any character, and a target that is not a valid
+       pattern raised (DataError here).
+
+    Targets carry the leading space (``" " + city``); the official memorized target was a single
+    string (from :func:`memorized_capital_substring`).
+    """
+    if "A:" not in text:
+        raise DataError(f"no 'A:' in the generated text {text[:60]!r}", field="text")
+    answer = text[text.index("A:"):]
+    if "Q:" in answer:
+        answer = answer[:answer.index("Q:")]
+    return int(_search(in_context_target, answer)), int(_search(memorized_target, answer))
+
+
+def sweep_rates(texts: Sequence[str], in_context_targets: Sequence[str], memorized_targets: Sequence[str],
+                *, denominator: int | None = 20) -> dict:
+    """Official per-decile sweep rates (``scale_graph.run_all``): the counts of
+    :func:`sweep_score` summed over a decile's prompts and divided by ``denominator``
+    (official: a hard-coded 20, the tuning-set quota, even when a decile has fewer prompts, so
+    small deciles are under-counted). ``denominator=None`` divides by the number of texts.
+    The two rates need not sum to at most 1 (non-exclusive counting).
+
+    Returns ``{"n", "in_context", "memorized", "both"}`` (``both``: texts scored (1, 1)).
+    """
+    if not (len(texts) == len(in_context_targets) == len(memorized_targets)):
+        raise DataError(f"{len(texts)} texts, {len(in_context_targets)} in-context and "
+                        f"{len(memorized_targets)} memorized targets", field="texts")
+    if denominator is not None and (not isinstance(denominator, int) or denominator < 1):
+        raise ConfigError("denominator", f"must be a positive integer or None, got {denominator!r}")
+    if denominator is None and not texts:
+        raise DataError("no texts to score", field="texts")
+    scores = [sweep_score(t, ic, m) for t, ic, m in zip(texts, in_context_targets, memorized_targets)]
+    div = len(texts) if denominator is None else denominator
+    return {"n": len(texts), "in_context": sum(s[0] for s in scores) / div,
+            "memorized": sum(s[1] for s in scores) / div,
+            "both": sum(s[0] and s[1] for s in scores) / div}
+
+
+def official_sweep(lm, prompts, head, alphas: Sequence[float], *, bridge=None, max_new_tokens: int = 16,
+                   batch_size: int = 16, denominator: int | None = 20,
+                   memorized_targets: Sequence[str] | None = None) -> list[dict]:
+    """An α sweep scored the official way (Yu et al. 2023, Sec. 6.2; ``scale_graph.tune_curve_freq``):
+    for each α, greedy continuations under :func:`preflens.attribution.scaling.scale_heads` (the
+    same generation as :func:`preflens.attribution.scaling.scaling_sweep`), then
+    :func:`sweep_rates` on ``prompt.text + continuation.text`` (the prompt ends in ``"A:"``).
+
+    ``prompts`` is one decile's (or any) prompt list, used as given (degenerate ones included, as
+    the official tuning sets). ``memorized_targets``: one string per prompt (e.g.
+    ``" " + memorized_capital_substring(...)``); default ``" " + prompt.memorized[-1]`` (the last
+    exact-match row, which the official "last hit" lookup also returns). Pass
+    :func:`preflens.attribution.scaling.official_alpha_grid` values as ``alphas`` for the official
+    grids. Returns one ``{"alpha", "n", "in_context", "memorized", "both"}`` row per α.
+    """
+    from preflens.attribution.recall import generate_continuations
+    from preflens.attribution.scaling import scale_heads
+
+    prompts = list(prompts)
+    if not prompts:
+        raise DataError("no prompts given", field="prompts")
+    heads = [tuple(head)] if isinstance(head[0], int) else [tuple(h) for h in head]
+    mems = list(memorized_targets) if memorized_targets is not None else [" " + p.memorized[-1] for p in prompts]
+    if len(mems) != len(prompts):
+        raise DataError(f"{len(mems)} memorized targets for {len(prompts)} prompts", field="memorized_targets")
+    if bridge is None:
+        bridge = lm.bridge(compat=True)
+    rows = []
+    for alpha in alphas:
+        with scale_heads(bridge, {h: float(alpha) for h in heads}):
+            conts = generate_continuations(bridge, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        texts = [p.text + c.text for p, c in zip(prompts, conts)]
+        rows.append({"alpha": float(alpha), **sweep_rates(texts, [p.ic_target for p in prompts], mems,
+                                                           denominator=denominator)})
+    return rows

@@ -11,10 +11,12 @@ Conventions (every function):
   adds one to plain text (Llama, Gemma; not GPT-2), as :mod:`preflens.scoring` does.
 * Generation is greedy, ``max_new_tokens = 16`` new tokens, stops at EOS, runs through a
   ``TransformerBridge`` (so hooks such as :func:`preflens.attribution.scaling.scale_heads`
-  apply on every step) and re-runs the full sequence each step (no KV cache, as the paper's
-  code), through :func:`preflens.generation.greedy_decode`: batches are **left-padded** with an
-  attention mask and position ids ``cumsum(mask) - 1``, so GPT-2's absolute positions equal the
-  unpadded ones.
+  apply on every step) and re-runs the full sequence each step (no KV cache), through
+  :func:`preflens.generation.greedy_decode`: batches are **left-padded** with an attention mask
+  and position ids ``cumsum(mask) - 1``, so GPT-2's absolute positions equal the unpadded ones.
+  ``generate_continuations(lm, ..., use_cache=True)`` decodes with the plain Hugging Face
+  model's KV cache instead (the official code's cached ``HookedTransformer.generate``); it needs
+  an :class:`~preflens.models.LM`, so no hook can be active, and gives the same tokens.
 * Labels (paper rule, :func:`~preflens.data.capitals.classify_continuation`): continuation cut at
   the first ``"Q:"``; ``memorized`` if any memorized target is a substring, else ``in_context``
   if the in-context target is, else ``neither``. Memorized wins ties.
@@ -93,6 +95,7 @@ def generate_continuations(
     *,
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    use_cache: bool = False,
 ) -> list[Continuation]:
     """Greedy continuations and their paper labels (Yu et al. 2023, Sec. 3), input order.
 
@@ -102,22 +105,41 @@ def generate_continuations(
         prompts: :class:`CounterfactualPrompt` list.
         max_new_tokens: new-token budget (paper: 16); "neither" depends on it.
         batch_size: prompts per left-padded batch (sorted by length); ``1`` = unbatched.
+        use_cache: parity option (the official code generated with a KV cache): decode with the
+            plain Hugging Face model ``lm.model`` and its KV cache, one new token per forward,
+            instead of re-running the full sequence through the bridge. Needs an ``LM``: a
+            bridge raises ConfigError, because hooks on it (e.g.
+            :func:`~preflens.attribution.scaling.scale_heads`) would not apply to the plain
+            model -- hooked runs stay uncached. Gives the same tokens as the uncached path
+            (tested on toyworld and on a grouped-query-attention Llama). TransformerLens 4.3's
+            own ``bridge.generate(use_past_kv_cache=True)`` returns wrong tokens from the second
+            new token on (seen on toyworld), so preflens never uses it.
 
     The decoded text is ``tokenizer.decode(new_ids, clean_up_tokenization_spaces=False)``.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("max_new_tokens/batch_size", "must be >= 1")
-    bridge = _bridge_of(lm_or_bridge)
-    tok = bridge.tokenizer
-    enc = [bridge_bos(bridge) + _encode(tok, p.text) for p in prompts]
-    n_ctx = int(bridge.cfg.n_ctx)
+    if use_cache:
+        from preflens.models import LM
+        from preflens.scoring import bos_prefix
+
+        if not isinstance(lm_or_bridge, LM):
+            raise ConfigError("use_cache", "needs an LM (its plain Hugging Face model's KV cache); a "
+                              "bridge is decoded uncached so that its hooks apply at every step")
+        tok, cache_model, n_ctx = lm_or_bridge.tokenizer, lm_or_bridge.model, lm_or_bridge.n_ctx
+        dev, bos = lm_or_bridge.device, list(bos_prefix(tok))
+    else:
+        bridge = _bridge_of(lm_or_bridge)
+        tok, cache_model, n_ctx = bridge.tokenizer, None, int(bridge.cfg.n_ctx)
+        dev = torch.device(bridge.cfg.device) if getattr(bridge.cfg, "device", None) else None
+        bos = bridge_bos(bridge)
+    enc = [bos + _encode(tok, p.text) for p in prompts]
     for i, e in enumerate(enc):
         if len(e) + max_new_tokens > n_ctx:
             raise ScoringError(
                 f"prompt {i}: {len(e)} tokens + {max_new_tokens} new exceed the context ({n_ctx})")
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    dev = torch.device(bridge.cfg.device) if getattr(bridge.cfg, "device", None) else None
 
     def forward(ids, mask, pos):
         return bridge(ids, attention_mask=mask, position_ids=pos, return_type="logits")
@@ -126,8 +148,9 @@ def generate_continuations(
     new_ids: dict[int, list[int]] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        rows = greedy_decode(forward, [enc[i] for i in idx], max_new_tokens=max_new_tokens, eos=eos,
-                             pad=pad, device=dev)
+        rows = greedy_decode(None if use_cache else forward, [enc[i] for i in idx],
+                             max_new_tokens=max_new_tokens, eos=eos, pad=pad, device=dev,
+                             cache_model=cache_model)
         for i, row in zip(idx, rows):
             new_ids[i] = row
     out = []
@@ -144,11 +167,14 @@ def classify_continuations(
     *,
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    use_cache: bool = False,
 ) -> list[str]:
     """Paper labels (``memorized`` / ``in_context`` / ``neither``) of greedy continuations;
-    see :func:`generate_continuations` for the conventions (BOS as scoring, 16 tokens, cut at "Q:")."""
+    see :func:`generate_continuations` for the conventions (BOS as scoring, 16 tokens, cut at "Q:")
+    and ``use_cache``."""
     return [c.label for c in generate_continuations(
-        lm_or_bridge, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+        lm_or_bridge, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        use_cache=use_cache)]
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ import torch
 
 import preflens
 from preflens.attribution.official import (head_attribution_batches, memorized_capital_substring,
-                                           tuning_sets)
+                                           official_sweep, sweep_rates, sweep_score, tuning_sets)
+from preflens.attribution.recall import generate_continuations
+from preflens.data.capitals import classify_continuation
+from preflens.data.recall_prompts import counterfactual_prompts
 from preflens.errors import ConfigError, DataError
 
 
@@ -109,3 +113,76 @@ def test_tuning_sets_match_official_port():
         tuning_sets({"0": [{"correct": 0}]}, "correct")
     with pytest.raises(DataError):
         tuning_sets({"0": [{"correct": 0}, {"correct": 1}]}, "correct", replace=False)
+
+
+# --------------------------------------------------------------------------- sweep scorer
+def _official_intervention_scores(decoded, ct_answers, gt_answers):
+    """scale_graph.intervention's scoring of each decoded text (prompt + generation): slice from
+    the first "A:", cut at "Q:", re.findall of each (unescaped) target; then run_all's /20."""
+    ct, gt = [], []
+    for idx, a in enumerate(decoded):
+        answer = a[a.index("A:"):]
+        if "Q:" in answer:
+            answer = answer[:answer.index("Q:")]
+        ct.append(1 if len(re.findall(ct_answers[idx], answer)) > 0 else 0)
+        gt.append(1 if len(re.findall(gt_answers[idx], answer)) > 0 else 0)
+    return ct, gt, sum(ct) / 20, sum(gt) / 20
+
+
+PROMPT = "The capital of {c} is {ic}.\nQ: What is the capital of {c}?\nA:"
+SWEEP_CASES = [  # (generated continuation, query country, in-context city, memorized capital)
+    (" Warsaw. Warsaw.", "Poland", "London", "Warsaw"),
+    (" London.", "Poland", "London", "Warsaw"),
+    (" London or Warsaw.", "Poland", "London", "Warsaw"),          # both: (1, 1)
+    (" The capital of Poland is", "Poland", "London", "Warsaw"),   # neither
+    (" Paris.\nQ: What is Warsaw?\nA: Warsaw", "France", "Warsaw", "Paris"),  # cut at Q:
+    (" StX John's.", "Antigua", "St. John's", "Rome"),            # "." matches any character
+    (" Tokyo", "Japan", "Tokyo", "Kyoto"),
+    ("", "Japan", "Tokyo", "Kyoto"),                               # the prompt names Tokyo before "A:" only
+    (" Londonderry", "Poland", "London", "Warsaw"),                # plain substring, as the paper's rule
+]
+
+
+def _sweep_inputs():
+    texts = [PROMPT.format(c=c, ic=ic) + gen for gen, c, ic, _ in SWEEP_CASES]
+    return texts, [" " + ic for _, _, ic, _ in SWEEP_CASES], [" " + m for *_, m in SWEEP_CASES]
+
+
+def test_sweep_scorer_matches_official_port():
+    texts, ics, mems = _sweep_inputs()
+    ct, gt, ct_rate, gt_rate = _official_intervention_scores(texts, ics, mems)
+    assert [sweep_score(t, i, m) for t, i, m in zip(texts, ics, mems)] == list(zip(ct, gt))
+    r = sweep_rates(texts, ics, mems)
+    assert (r["n"], r["in_context"], r["memorized"]) == (len(texts), ct_rate, gt_rate)
+    assert r["both"] == sum(a and b for a, b in zip(ct, gt)) / 20
+    assert sweep_rates(texts, ics, mems, denominator=None)["in_context"] == sum(ct) / len(texts)
+    # where it departs from the paper's rule on the continuation alone
+    assert sweep_score(texts[2], ics[2], mems[2]) == (1, 1)
+    assert classify_continuation(SWEEP_CASES[2][0], (mems[2],), ics[2]) == "memorized"
+    assert sweep_score(texts[5], ics[5], mems[5]) == (1, 0)
+    assert classify_continuation(SWEEP_CASES[5][0], (mems[5],), ics[5]) == "neither"
+    assert sweep_score(texts[4], ics[4], mems[4]) == (0, 1)
+
+
+def test_sweep_scorer_errors():
+    with pytest.raises(DataError, match="A:"):
+        sweep_score("no answer marker", " London", " Warsaw")
+    with pytest.raises(DataError, match="regular expression"):
+        sweep_score("Q: x\nA: Kuala (Lumpur", " Kuala (Lumpur", " Warsaw")
+    with pytest.raises(DataError):
+        sweep_rates(["A: x"], [" x"], [])
+    with pytest.raises(ConfigError):
+        sweep_rates(["A: x"], [" x"], [" y"], denominator=0)
+
+
+def test_official_sweep_scores_the_hooked_generation(tiny):
+    ps = counterfactual_prompts(["Poland", "Japan", "Chad"], pairs=1, seed=0)
+    bridge = tiny.bridge(compat=True)
+    rows = official_sweep(tiny, ps, (0, 1), [1.0, -2.0], bridge=bridge, max_new_tokens=4, denominator=None)
+    conts = generate_continuations(bridge, ps, max_new_tokens=4)
+    want = sweep_rates([p.text + c.text for p, c in zip(ps, conts)], [p.ic_target for p in ps],
+                       [" " + p.memorized[-1] for p in ps], denominator=None)
+    assert rows[0] == {"alpha": 1.0, **want}
+    assert [r["alpha"] for r in rows] == [1.0, -2.0] and rows[1]["n"] == 3
+    with pytest.raises(DataError):
+        official_sweep(tiny, ps, (0, 1), [1.0], bridge=bridge, memorized_targets=[" x"])
