@@ -205,11 +205,12 @@ def official_sweep(lm, prompts, head, alphas: Sequence[float], *, bridge=None, m
     mems = list(memorized_targets) if memorized_targets is not None else [" " + p.memorized[-1] for p in prompts]
     if len(mems) != len(prompts):
         raise DataError(f"{len(mems)} memorized targets for {len(prompts)} prompts", field="memorized_targets")
-    if bridge is None:
-        bridge = lm.bridge(compat=True)
+    from preflens.attribution.heads import resolve_bridge
+
+    bridge = resolve_bridge(lm, bridge=bridge, require_compat=False)
     rows = []
     for alpha in alphas:
-        with scale_heads(bridge, {h: float(alpha) for h in heads}):
+        with scale_heads(bridge=bridge, scales={h: float(alpha) for h in heads}):
             conts = generate_continuations(bridge, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         texts = [p.text + c.text for p, c in zip(prompts, conts)]
         rows.append({"alpha": float(alpha), **sweep_rates(texts, [p.ic_target for p in prompts], mems,
