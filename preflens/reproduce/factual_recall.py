@@ -12,7 +12,8 @@ Steps:
 3. ``dla``: per-head DLA of (in-context − memorized) first-token logits on a tuning set through
    a compatibility-mode bridge, each prompt with its own direction; top-k memory heads (most
    negative) and in-context heads (most positive);
-4. ``sweep-*``: α sweeps scaling ``hook_v`` of each top-k memory head and of the top in-context
+4. ``sweep-*``: α sweeps scaling ``hook_z`` (the head's output before W_O; with one value head per
+   query head, as in GPT-2, the same as scaling ``hook_v``, the paper's site) of each top-k memory head and of the top in-context
    head on the tuning set; ``scaling-eval``: the (memory head, negative α) with the highest
    in-context rate, applied to a second seeded prompt sample (the evaluation set: same
    countries, other in-context cities) -- the paper chose heads and α on a tuning set, §5.3.4
@@ -111,7 +112,8 @@ def classify(ctx: RecipeContext, c) -> list[str]:
 @reads("tune_seed", "max_countries")
 def dla(ctx: RecipeContext, c) -> list:
     """Per-head DLA ``[layer][head]`` on the tuning prompts."""
-    return head_logit_attribution(_bridge(ctx), _prompts(ctx, c.max_countries, c.tune_seed, 1)).tolist()
+    prompts = _prompts(ctx, c.max_countries, c.tune_seed, 1)
+    return head_logit_attribution(ctx.shared_lm(), prompts, bridge=_bridge(ctx)).tolist()
 
 
 @reads("tune_seed", "max_countries", "memory_alphas", "sweep_tokens")
@@ -217,8 +219,8 @@ def _render_scaling(results: dict, ctx: RecipeContext):
         key = f"{name.replace('_', ' ')} L{l}H{h}"
         panels[key] = {k: [r[k] for r in rows] for k in LABELS}
         xs[key], ylabels[key] = [r["alpha"] for r in rows], "share of tuning prompts"
-    fig = plotting.line_panels(panels, x=xs, xlabel="α (scale of the head's hook_v)", ylabels=ylabels,
-                               title="scaling one head's hook_v by α (tuning prompts)", legend="outside")
+    fig = plotting.line_panels(panels, x=xs, xlabel="α (scale of the head's output, hook_z)", ylabels=ylabels,
+                               title="scaling one head's output by α (tuning prompts)", legend="outside")
     return ctx.save_figure(fig, "head_scaling", results)
 
 

@@ -27,6 +27,7 @@ def _steps(printed: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@pytest.mark.slow  # three tiny runs of the real recipe: ~5 s on an idle 2-core machine
 def test_steps_rerun_only_for_the_fields_they_read_and_quick_runs_are_marked(tmp_path, monkeypatch, capsys):
     results, printed = _run(monkeypatch, capsys, tmp_path, TINY)
     assert _steps(printed) == (2, 0)
