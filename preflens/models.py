@@ -1,6 +1,6 @@
 """Load a causal LM (plain Hugging Face module + tokenizer) and bridge it into TransformerLens 4.x.
 
-preflens keeps two views of a model apart (see ``shared/research/ecosystem.md``):
+preflens keeps two views of a model apart:
 
 * ``LM.model`` -- the plain HF causal LM (``GPT2LMHeadModel`` for the offline models). Training,
   scoring and per-example gradients run on it: it keeps fused attention, its parameters are not
@@ -70,7 +70,7 @@ _WEIGHT_FILES = (
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "tokenizer_config.json")
 
 
-@dataclass
+@dataclass(repr=False)
 class LM:
     """A causal LM as preflens uses it.
 
@@ -86,6 +86,14 @@ class LM:
     name: str
     tokenizer_dir: Path | None = None
     info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        from preflens.scoring import bos_prefix
+
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"LM(name={self.name!r}, {type(self.model).__name__}, {n / 1e6:.3g} M parameters, "
+                f"{str(self.dtype).replace('torch.', '')}, {self.device}, "
+                f"vocab={self.vocab_size}, BOS={'yes' if bos_prefix(self.tokenizer) else 'no'})")
 
     @property
     def device(self) -> torch.device:

@@ -87,7 +87,7 @@ class Encoded:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-@dataclass
+@dataclass(repr=False)
 class Batch:
     """A right-padded batch.
 
@@ -105,13 +105,17 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device) for t in self.__dict__.values()))
 
+    def __repr__(self) -> str:
+        return (f"Batch(rows={self.input_ids.shape[0]}, seq_len={self.input_ids.shape[1]}, "
+                f"response_tokens={int(self.response_mask.sum())}, device={self.input_ids.device})")
+
     @property
     def response_mask(self) -> torch.Tensor:
         """``[B, S]`` bool: positions that predict a response token."""
         return self.targets != IGNORE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ResponseScores:
     """Per-response scores.
 
@@ -125,6 +129,11 @@ class ResponseScores:
     logp: torch.Tensor
     mean_logp: torch.Tensor
     n_tokens: torch.Tensor
+
+    def __repr__(self) -> str:
+        n = int(self.logp.shape[0])
+        mean = f", mean logp={float(self.logp.mean()):.4g}" if n else ""
+        return f"ResponseScores(n={n}, longest={int(self.n_tokens.max()) if n else 0} tokens{mean})"
 
 
 def bos_prefix(tokenizer) -> tuple[int, ...]:

@@ -287,8 +287,8 @@ def cross_pair_gram(lm, pairs: Sequence, *, params=None, include_layernorm: bool
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[2n, 2n]`` float64 Gram matrix of the gradients of u_{w,1..n}, u_{l,1..n} (that order).
 
-    Spec §3 (batch-mean loss): with a batch B, Δu_w^i ≈ (η/|B|) Σ_j (a_w^j G[w_i, w_j] − a_l^j
-    G[w_i, l_j]) and likewise for u_l^i with rows l_i. Ghost, all pairs in ONE forward (meant for
+    Batch-mean loss (Yuan et al. 2024 Eqs. 3–5 summed over a batch B): Δu_w^i ≈ (η/|B|) Σ_j
+    (a_w^j G[w_i, w_j] − a_l^j G[w_i, l_j]) and likewise for u_l^i with rows l_i. Ghost, all pairs in ONE forward (meant for
     small evaluation sets; memory grows with n² S²).
     """
     model = lm.model

@@ -1,7 +1,9 @@
 """Parameter selection and ghost inner products of per-response gradients (HF causal LMs).
 
-Internals of :mod:`preflens.dynamics.entanglement` (spec ``gradient_entanglement.md`` §5; Opacus
-ghost clipping; Wang et al. 2024, In-Run Data Shapley, "ghost dot-product").
+Internals of :mod:`preflens.dynamics.entanglement` (Yuan et al. 2024, arXiv 2410.13828, per-pair
+gradient inner products; the identities are those of ghost clipping, Li et al. 2022, "Large
+Language Models Can Be Strong Differentially Private Learners", and of Wang et al. 2024, In-Run
+Data Shapley, "ghost dot-product").
 
 Each row b of a batch is one (prompt, response); its quantity is the SUMMED response log-prob
 u_b (EOS counted; :mod:`preflens.scoring` conventions) and g_b = ∇θ u_b over the selected
