@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from preflens.errors import PreflensError
 from preflens.models import DEFAULT_MODEL
 from preflens.reproduce import PAPERS, run_paper
 
@@ -16,13 +18,29 @@ def _paper_name(text: str) -> str:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    """Run the recipe(s). With ``all``, a recipe that fails with a preflens error (e.g. a model
+    whose tokenizer splits a single-token experiment's answers) is reported in one line and the
+    others still run; the command then fails (exit 2) naming the failed recipes."""
+    from preflens.cli import to_cli_error
+
     papers = list(PAPERS) if args.paper == "all" else [args.paper]
+    overrides = {"gradient_method": args.gradient_method} if args.gradient_method else {}
+    failed = []
     for paper in papers:
-        overrides = {"gradient_method": args.gradient_method} if args.gradient_method else {}
-        run_paper(
-            paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
-            resume=args.resume, render_only=args.render_only, dtype=args.dtype, overrides=overrides,
-        )
+        try:
+            run_paper(
+                paper, model=args.model, device=args.device, out=args.out, quick=args.quick,
+                resume=args.resume, render_only=args.render_only, dtype=args.dtype,
+                overrides=overrides,
+            )
+        except PreflensError as exc:
+            if len(papers) == 1:
+                raise
+            print(f"preflens reproduce: {paper}: error: {to_cli_error(exc, args)}", file=sys.stderr)
+            failed.append(paper)
+    if failed:
+        raise PreflensError(f"{len(failed)} of {len(papers)} recipes failed ({', '.join(failed)}; "
+                            "messages above); the others finished")
     return 0
 
 

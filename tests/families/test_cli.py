@@ -47,3 +47,24 @@ def test_reproduce_parser_has_gradient_method_and_dtype():
     assert args.gradient_method == "exact" and args.dtype == "bf16"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["reproduce", "all", "--gradient-method", "vmap"])
+
+
+def test_reproduce_all_reports_a_failing_recipe_in_one_line_and_runs_the_others(monkeypatch, capsys):
+    import preflens.cli.reproduce as rep
+    from preflens.errors import ConfigError
+    from preflens.reproduce import PAPERS
+
+    ran = []
+
+    def fake_run_paper(paper, **kw):
+        ran.append(paper)
+        if paper == "likelihood-displacement":
+            raise ConfigError("model", "' No' and ' Never' must each be one token")
+
+    monkeypatch.setattr(rep, "run_paper", fake_run_paper)
+    assert main(["reproduce", "all", "--quick", "--model", "m"]) == 2
+    assert ran == list(PAPERS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == ("preflens reproduce: likelihood-displacement: error: --model: ' No' and "
+                      "' Never' must each be one token")
+    assert f"1 of {len(PAPERS)} recipes failed (likelihood-displacement" in err[-1]
