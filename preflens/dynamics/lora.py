@@ -65,8 +65,10 @@ def attach_lora(model: torch.nn.Module, *, r: int, alpha: float | None = None,
     Raises:
         ConfigError: ``lora_r``/``lora_alpha`` out of range, or ``lora_targets`` matching no module.
     """
-    from peft import LoraConfig, get_peft_model
-
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora_r", "LoRA needs the peft package: pip install 'preflens[lora]'") from None
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError("lora_r", f"must be an integer >= 1, got {r!r}")
     alpha = 2 * r if alpha is None else alpha
