@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from preflens.data import PreferencePair, write_pairs
@@ -29,7 +28,6 @@ KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rej
 
 WORKER = """
 import json, sys
-import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
 from preflens.data import read_pairs
