@@ -28,6 +28,7 @@ KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rej
 
 WORKER = """
 import json, sys
+import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
 from preflens.data import read_pairs
