@@ -100,3 +100,14 @@ def test_cli_render_only_without_results_is_one_line_naming_the_flag(tmp_path, c
     assert main(["reproduce", "factual_recall", "--render-only", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out: no " in err and "factual_recall.json" in err
+
+
+@pytest.mark.parametrize("paper", sorted(FIGURES))
+def test_the_committed_results_redraw_the_committed_figures(tmp_path, no_models, paper):
+    """``results/*.json`` in the repository hold everything its ``figures/`` were drawn from."""
+    committed = Path(__file__).parents[2] / "results" / f"{paper}.json"
+    (tmp_path / "results").mkdir()
+    shutil.copy(committed, tmp_path / "results" / committed.name)
+    results = render_paper(paper, out=tmp_path)
+    assert results["quick"] is False and "note" not in results
+    assert sorted(p.stem for p in (tmp_path / "figures" / paper).iterdir()) == FIGURES[paper]
