@@ -113,7 +113,8 @@ def generate_continuations(
             model -- hooked runs stay uncached. Gives the same tokens as the uncached path
             (tested on toyworld and on a grouped-query-attention Llama). TransformerLens 4.3's
             own ``bridge.generate(use_past_kv_cache=True)`` returns wrong tokens from the second
-            new token on (seen on toyworld), so preflens never uses it.
+            (or third) new token on -- 10 of 10 toyworld prompts checked, while its uncached
+            ``generate`` matches this function -- so preflens never uses it.
 
     The decoded text is ``tokenizer.decode(new_ids, clean_up_tokenization_spaces=False)``.
     """
