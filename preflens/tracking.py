@@ -44,7 +44,8 @@ import torch
 
 from preflens.data.io import atomic_write_text
 from preflens.errors import ConfigError, DataError
-from preflens.scoring import CPU_MAX_TOKENS, collate, encode, final_hidden, length_buckets, target_logprobs
+from preflens.scoring import (CPU_MAX_TOKENS, collate, encode, final_hidden, head_logits, length_buckets, logit_head,
+                              target_logprobs)
 from preflens.stats import spearman  # re-exported: trackers and their tests use it from here
 
 __all__ = [
@@ -212,11 +213,10 @@ class ProbeSet:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, lm.pad_id
-        prompts = [p.prompt for p in pairs]
-        self.enc_w = encode(lm.tokenizer, prompts, [p.chosen for p in pairs], add_eos=add_eos,
-                            max_length=lm.n_ctx)
-        self.enc_l = encode(lm.tokenizer, prompts, [p.rejected for p in pairs], add_eos=add_eos,
-                            max_length=lm.n_ctx)
+        prompts, sources = [p.prompt for p in pairs], [getattr(p, "source", None) for p in pairs]
+        self.enc_w, self.enc_l = (encode(lm.tokenizer, prompts, [getattr(p, side) for p in pairs], add_eos=add_eos,
+                                         max_length=lm.n_ctx, sources=sources, response_field=side)
+                                  for side in ("chosen", "rejected"))
         extra = 1 if add_eos else 0
         self.single_token = [i for i, (a, b) in enumerate(zip(self.enc_w, self.enc_l))
                              if len(a.response_ids) == 1 + extra and len(b.response_ids) == 1 + extra]
@@ -233,12 +233,13 @@ class ProbeSet:
         tok_lp = torch.zeros((n, t_max), dtype=torch.float32)
         h_sum = h_mean = None
         budget = CPU_MAX_TOKENS if device.type == "cpu" else None
-        head = model.get_output_embeddings()
+        head, transform = model.get_output_embeddings(), logit_head(model)
         for idx in length_buckets([len(e) for e in encoded], self.batch_size, max_tokens=budget):
             batch = collate([encoded[i] for i in idx], pad_id=self.pad_id, device=device)
             hidden = final_hidden(model, batch)
             mask = batch.response_mask
-            lp = target_logprobs(hidden[mask], head.weight, getattr(head, "bias", None), batch.targets[mask])
+            lp = target_logprobs(hidden[mask], head.weight, getattr(head, "bias", None), batch.targets[mask],
+                                 head=transform)
             lp = torch.zeros(mask.shape, dtype=lp.dtype, device=hidden.device).masked_scatter(mask, lp).cpu()
             hid = hidden.float().cpu() if with_hidden else None
             if with_hidden and h_sum is None:
@@ -254,17 +255,14 @@ class ProbeSet:
 
     def _next_logp(self, model, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ln π(y+_1|x) [s] float64, log-distributions [k, V] float32) for the single-token pairs."""
-        head = model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
         first, dists = [], []
         for s in range(0, len(self.single_token), self.batch_size):
             rows = self.single_token[s : s + self.batch_size]
             batch = collate([self.enc_w[i] for i in rows], pad_id=self.pad_id, device=device)
             hidden = final_hidden(model, batch)
             last = batch.prompt_lens.to(hidden.device) - 1
-            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-            logits = torch.nn.functional.linear(h, head.weight.float(), None if bias is None else bias.float())
-            lp = torch.log_softmax(logits, -1).cpu()
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            lp = torch.log_softmax(head_logits(model, h, dtype=torch.float32), -1).cpu()
             ids = torch.tensor([self.enc_w[i].response_ids[0] for i in rows])
             first.append(lp[torch.arange(len(rows)), ids].double())
             dists += [lp[j] for j, i in enumerate(rows) if i in self.distribution_pairs]

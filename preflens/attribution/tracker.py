@@ -16,7 +16,7 @@ from preflens.attribution.heads import head_logit_attribution
 from preflens.attribution.recall import first_token_ids
 from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import DataError
-from preflens.scoring import collate, encode, final_hidden
+from preflens.scoring import collate, encode, final_hidden, head_logits
 from preflens.tracking import Tracker
 
 __all__ = ["DlaTracker", "probe_triples"]
@@ -96,20 +96,16 @@ class DlaTracker(Tracker):
 
     @torch.no_grad()
     def _logit_diff(self, model) -> float:
-        """Mean logit(y+_1) − logit(y−_1) at the last prompt position, from the plain model (a
-        compatibility-mode bridge shifts each position's logits by one constant: same difference)."""
+        """Mean logit(y+_1) − logit(y−_1) at the last prompt position, from the plain model through its
+        own logit head (a compatibility-mode bridge shifts each position's logits by one constant)."""
         device = next(model.parameters()).device
-        head = model.get_output_embeddings()
         total = 0.0
         for s in range(0, len(self.enc), self.batch_size):
             batch = collate(self.enc[s : s + self.batch_size], pad_id=self.lm.pad_id, device=device)
             hidden = final_hidden(model, batch)
-            h = hidden[torch.arange(hidden.shape[0], device=device), batch.prompt_lens.to(device) - 1].float()
+            h = hidden[torch.arange(hidden.shape[0], device=device), batch.prompt_lens.to(device) - 1]
+            logits = head_logits(model, h, dtype=torch.float32)  # the model's own head (soft-cap, scale)
             ids = self.first[s : s + self.batch_size].to(device)
-            w = head.weight.float()
-            diff = (h * (w[ids[:, 0]] - w[ids[:, 1]])).sum(-1)
-            bias = getattr(head, "bias", None)
-            if bias is not None:
-                diff = diff + bias.float()[ids[:, 0]] - bias.float()[ids[:, 1]]
-            total += float(diff.double().sum())
+            rows = torch.arange(len(ids), device=device)
+            total += float((logits[rows, ids[:, 0]] - logits[rows, ids[:, 1]]).double().sum())
         return total / len(self.enc)

@@ -76,8 +76,8 @@ class EntanglementTracker(Tracker):
             st = pair_gradient_stats(lm, sub, method="ghost", batch_size=self.ghost_batch_size, params=self.params)
         refs = {}
         if self.spec.uses_reference:
-            refs = dict(u_ref_w=torch.tensor(self.ref[0][:k], dtype=torch.float64),
-                        u_ref_l=torch.tensor(self.ref[1][:k], dtype=torch.float64))
+            refs = dict(ref_chosen_logps=torch.tensor(self.ref[0][:k], dtype=torch.float64),
+                        ref_rejected_logps=torch.tensor(self.ref[1][:k], dtype=torch.float64))
         d_w, d_l = predict_first_order(st, self.loss, lr=1.0, loss_kwargs=self.loss_kwargs, **refs)
         cases = entanglement_case(d_w, d_l)
         scalars: dict[str, float] = {

@@ -31,7 +31,7 @@ def test_entanglement_tracker_matches_direct_stats_and_leaves_grads(tiny, tmp_pa
     u0 = [torch.tensor(x, dtype=torch.float64) for x in tr.ref]
     prev_u = (u0[0][:6], u0[1][:6])
     prev_pred = predict_first_order(pair_gradient_stats(lm, pairs[:6], batch_size=16), "dpo", lr=1.0,
-                                    loss_kwargs={"beta": 0.5}, u_ref_w=u0[0][:6], u_ref_l=u0[1][:6])
+                                    loss_kwargs={"beta": 0.5}, ref_chosen_logps=u0[0][:6], ref_rejected_logps=u0[1][:6])
     opt = torch.optim.SGD(lm.model.parameters(), lr=0.05)
     lm.model.zero_grad()
     (-sum(p.float().pow(2).sum() for p in lm.model.parameters()) * 1e-3).backward()
@@ -42,7 +42,7 @@ def test_entanglement_tracker_matches_direct_stats_and_leaves_grads(tiny, tmp_pa
     for n, p in lm.model.named_parameters():  # autograd.grad only: .grad untouched
         assert torch.equal(p.grad, grads[n]), n
     st = pair_gradient_stats(lm, pairs[:6], batch_size=16)
-    d_w, d_l = predict_first_order(st, "dpo", lr=1.0, loss_kwargs={"beta": 0.5}, u_ref_w=u0[0][:6], u_ref_l=u0[1][:6])
+    d_w, d_l = predict_first_order(st, "dpo", lr=1.0, loss_kwargs={"beta": 0.5}, ref_chosen_logps=u0[0][:6], ref_rejected_logps=u0[1][:6])
     expected = case_counts(entanglement_case(d_w, d_l))
     assert row["tracked/entanglement/mean_cos"] == float(st.cos.mean())
     assert row["tracked/entanglement/mean_inner"] == float(st.inner.mean())
