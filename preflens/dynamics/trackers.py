@@ -27,7 +27,8 @@ class EntanglementTracker(Tracker):
     """Per-pair gradient inner products and the first-order cases they predict, during training.
 
     Yuan et al. 2024 (arXiv 2410.13828), Eqs. 3-5 and Table 1. At each record, on the first
-    ``ghost_n`` probe pairs (ghost method, :func:`~preflens.dynamics.entanglement.pair_gradient_stats`;
+    ``ghost_n`` probe pairs (:func:`~preflens.dynamics.entanglement.pair_gradient_stats`, ``method``
+    "ghost" by default, or "exact";
     g = ∇θ log π(y|x) of SUMMED log-probs with EOS counted, all trainable parameters unless
     ``params``):
 
@@ -53,7 +54,8 @@ class EntanglementTracker(Tracker):
 
     def __init__(self, lm, pairs: Sequence = (), *, loss: str = "dpo", loss_kwargs: dict | None = None,
                  every: int = 10, ghost_n: int | None = None, batch_size: int = 64,
-                 ghost_batch_size: int = 16, params=None, probes: ProbeSet | None = None) -> None:
+                 ghost_batch_size: int = 16, params=None, method: str = "ghost",
+                 probes: ProbeSet | None = None) -> None:
         super().__init__(lm, every=every)
         self.probes = probes if probes is not None else ProbeSet(lm, pairs, batch_size=batch_size)
         n = len(self.probes)
@@ -62,7 +64,7 @@ class EntanglementTracker(Tracker):
         self.ghost_n = min(ghost_n or n, n)
         self.spec = losses.get_loss(loss)
         self.loss, self.loss_kwargs = loss, losses.resolve_kwargs(loss, loss_kwargs)
-        self.ghost_batch_size, self.params = ghost_batch_size, params
+        self.ghost_batch_size, self.params, self.method = ghost_batch_size, params, method
         self.ref: list[list[float]] | None = None      # step-0 (u_w, u_l) of all probe pairs
         self.prev: dict[str, list[float]] | None = None  # previous record: u and predictions
 
@@ -73,7 +75,8 @@ class EntanglementTracker(Tracker):
         k = self.ghost_n
         sub = self.probes.pairs[:k]
         with torch.enable_grad():  # a loop may call callbacks under no_grad
-            st = pair_gradient_stats(lm, sub, method="ghost", batch_size=self.ghost_batch_size, params=self.params)
+            st = pair_gradient_stats(lm, sub, method=self.method, batch_size=self.ghost_batch_size,
+                                     params=self.params)
         refs = {}
         if self.spec.uses_reference:
             refs = dict(ref_chosen_logps=torch.tensor(self.ref[0][:k], dtype=torch.float64),
@@ -106,7 +109,7 @@ class EntanglementTracker(Tracker):
         return scalars, detail
 
     def settings(self):
-        return {"loss": self.loss, "loss_kwargs": self.loss_kwargs, "ghost_n": self.ghost_n,
+        return {"loss": self.loss, "loss_kwargs": self.loss_kwargs, "ghost_n": self.ghost_n, "method": self.method,
                 "params": self.params if isinstance(self.params, (str, type(None))) else sorted(self.params)}
 
     def case_counts_at(self, index: int) -> dict[str, int]:

@@ -37,14 +37,9 @@ from preflens import plotting
 from preflens.data import PreferencePair
 from preflens.data.toyworld.prefs import YESNO_PROMPT, multi_token_pairs
 from preflens.dynamics import losses as loss_registry
-from preflens.dynamics.entanglement import (
-    case_counts,
-    entanglement_case,
-    pair_gradient_stats,
-    predict_first_order,
-    token_gradient_similarity,
-)
+from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order, token_gradient_similarity
 from preflens.dynamics.train import train_preference
+from preflens.dynamics.trackers import EntanglementTracker
 from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
 from preflens.scoring import concatenated_logps, encode, encode_pairs, response_logprobs
 
@@ -90,45 +85,11 @@ def _pairs(ctx: RecipeContext, c) -> list:
 
 
 # -- step 1: trajectories under each loss -----------------------------------------------------
-class _StatsTracker:
-    """Callback: every ``every`` steps, mean log-probs on the training pairs and ghost gradient
-    statistics + predicted case counts on a fixed subset."""
-
-    name = "entanglement_stats"
-
-    def __init__(self, lm, pairs, stats_pairs, every, loss, kwargs, method="ghost"):
-        self.lm, self.pairs, self.sub, self.every, self.method = lm, pairs, stats_pairs, every, method
-        self.loss, self.kwargs = loss, kwargs
-        self.ref = None
-        self.history: list[dict] = []
-
-    def record(self, step: int) -> None:
-        prompts = [p.prompt for p in self.pairs]
-        s_w = response_logprobs(self.lm, prompts, [p.chosen for p in self.pairs], batch_size=64)
-        s_l = response_logprobs(self.lm, prompts, [p.rejected for p in self.pairs], batch_size=64)
-        if self.ref is None:
-            self.ref = (s_w.logp, s_l.logp)
-        st = pair_gradient_stats(self.lm, self.sub, method=self.method, batch_size=16)
-        k = len(self.sub)
-        spec = loss_registry.get_loss(self.loss)
-        refs = (dict(ref_chosen_logps=self.ref[0][:k], ref_rejected_logps=self.ref[1][:k])
-                if spec.uses_reference else {})
-        d_w, d_l = predict_first_order(st, self.loss, lr=1.0, loss_kwargs=self.kwargs, **refs)
-        self.history.append({
-            "step": step,
-            "logp_chosen": float(s_w.logp.mean()), "logp_rejected": float(s_l.logp.mean()),
-            "mean_inner": float(st.inner.mean()), "mean_cos": float(st.cos.mean()),
-            "mean_norm_w_sq": float(st.norm_w_sq.mean()), "mean_norm_l_sq": float(st.norm_l_sq.mean()),
-            "case_counts": case_counts(entanglement_case(d_w, d_l)),
-        })
-
-    def on_step(self, state) -> None:
-        if state.step % self.every == 0:
-            self.record(state.step)
-
-    def on_end(self, state) -> None:
-        if not self.history or self.history[-1]["step"] != state.step:
-            self.record(state.step)
+def _history(tracker: EntanglementTracker) -> list[dict]:
+    """The tracker's records in this recipe's JSON shape (case counts as a dict of ints)."""
+    keys = ("step", "logp_chosen", "logp_rejected", "mean_inner", "mean_cos", "mean_norm_w_sq", "mean_norm_l_sq")
+    return [{**{k: h[k] for k in keys}, "case_counts": tracker.case_counts_at(i)}
+            for i, h in enumerate(tracker.history)]
 
 
 @reads("n_pairs", "data_seed", "lr", "epochs", "batch_size", "stats_pairs", "stats_every", "seed",
@@ -137,15 +98,16 @@ def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
     """Plain-SGD run ``name`` with ``spec`` = (loss, loss kwargs, pairwise_normalized)."""
     loss, kwargs, normalized = spec
     pairs, lm = _pairs(ctx, c), ctx.fresh_lm()
-    tracker = _StatsTracker(lm, pairs, pairs[: c.stats_pairs], c.stats_every, loss, kwargs,
-                            c.gradient_method)
-    tracker.record(0)
+    # every stats_every steps (and at 0 and the end): mean log-probs on all pairs, gradient
+    # statistics and predicted case counts on the first stats_pairs
+    tracker = EntanglementTracker(lm, pairs, loss=loss, loss_kwargs=kwargs, every=c.stats_every,
+                                  ghost_n=c.stats_pairs, ghost_batch_size=16, method=c.gradient_method)
     train_preference(
         lm, pairs, loss=loss, loss_kwargs=kwargs, optimizer="sgd", lr=c.lr, epochs=c.epochs,
         batch_size=c.batch_size, seed=c.seed, pairwise_normalized=normalized,
         max_grad_norm=10.0, callbacks=[tracker], out_dir=None,  # a throwaway run: writes nothing
     )
-    h = tracker.history
+    h = _history(tracker)
     return {
         "chosen_delta": h[-1]["logp_chosen"] - h[0]["logp_chosen"],
         "rejected_delta": h[-1]["logp_rejected"] - h[0]["logp_rejected"],
