@@ -31,6 +31,7 @@ def test_dla_tracker_matches_head_attribution_and_leaves_model_alone(tiny, tmp_p
     keep, prompts = probe_triples(lm, _pairs())
     assert keep == [0, 1, 2, 3, 4, 5]  # same first token, and no leading space, are left out
     tr = DlaTracker(lm, _pairs(), every=1)
+    assert tr.via == "direct"  # GPT-2 family: the compatibility-mode formula on the plain module
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     impl = lm.model.config._attn_implementation
     tr.on_train_begin(_state(lm, 0, tmp_path))
@@ -58,3 +59,19 @@ def test_dla_tracker_matches_head_attribution_and_leaves_model_alone(tiny, tmp_p
 def test_dla_tracker_needs_a_usable_probe(tiny):
     with pytest.raises(DataError, match="dla tracker"):
         DlaTracker(tiny, [PreferencePair("p:", "Paris", "Rome")])
+
+
+def test_dla_direct_path_equals_the_bridge_path(tiny, tmp_path):
+    lm = copy.deepcopy(tiny)
+    with torch.no_grad():  # move away from the seeded init, LayerNorms included
+        g = torch.Generator().manual_seed(3)
+        for p in lm.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    direct = DlaTracker(lm, _pairs(), every=1, via="direct")
+    bridge = DlaTracker(lm, _pairs(), every=1, via="bridge")
+    a, b = direct.record(lm.model, 0), bridge.record(lm.model, 0)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    with pytest.raises(Exception, match="via"):
+        DlaTracker(lm, _pairs(), via="fast")
