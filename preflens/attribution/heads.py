@@ -24,9 +24,12 @@ W_V carries (b_ln · W_V), into b_O (``fold_value_biases``; the attention patter
 they contribute b_V · W_O whatever the pattern). Both therefore appear in the ``bias`` component,
 not in any head, exactly as TransformerLens' own decomposition.
 
-Families. Gemma 2/3 normalize each block's attention and MLP output before the residual add
-(post-norms), which the component decomposition does not model: DLA raises ModelError there
-(checked on the first batch, not assumed). Under grouped-query attention (Llama, Mistral, Qwen2, Gemma 2) ``hook_z`` has one
+Families. Gemma 2/3 (and OLMo 2) normalize each block's attention and MLP output before the
+residual add (post-norms), which TransformerLens' decomposition does not model: for them, given
+an :class:`~preflens.models.LM`, DLA runs on the HF module with every norm's scale frozen
+(:mod:`preflens.attribution.postnorm`: head h contributes ``g s (z_h W_O^h)`` through the frozen
+post-attention norm, then the frozen final norm; exact, same result types); given only a bridge
+it raises ModelError (checked on the first batch, not assumed). Under grouped-query attention (Llama, Mistral, Qwen2, Gemma 2) ``hook_z`` has one
 slot per *query* head (a KV head's values are shared, but each query head mixes them with its
 own pattern), so heads are ``n_heads`` query heads per layer. With final-logit soft-capping
 (logits = c·tanh(z/c)) the decomposition is linear only before the cap: DLA and
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from preflens.attribution.postnorm import decompose, post_norm_model
 from preflens.attribution.recall import bridge_bos
 from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError, DataError, ModelError
@@ -159,7 +163,7 @@ def _check_linear(bridge, ids: torch.Tensor, pos: int) -> None:
             f"direct logit attribution is not exact for {arch}: its blocks normalize the "
             f"attention/MLP outputs before adding them to the residual stream (post-norms), which "
             f"TransformerLens' decomposition leaves out (components miss the logits by {err:.3g}); "
-            "head scaling (scale_heads) still works")
+            "pass the LM (not only a bridge) for the exact post-norm decomposition")
     bridge._preflens_dla_linear = True
 
 
@@ -259,27 +263,33 @@ def logit_decomposition(
             with ``bridge=`` a compatibility-mode bridge (:func:`resolve_bridge`).
     """
     bridge = resolve_bridge(lm, bridge=bridge)
+    hf = post_norm_model(lm)
     n = len(prompts)
     comps = ub = ld = ics = mms = None
     labels: list[str] = []
     texts, targets, foils, _ = _as_triples(prompts, None, None)
     for idx, ids, ic, mems, pos in _groups(bridge, texts, *_first_ids(bridge, targets, foils),
                                            batch_size, position):
-        _check_linear(bridge, ids, pos)
-        logits, cache = bridge.run_with_cache(ids)
-        mem = _pick_mem(logits[:, pos], mems)
-        # the linear (pre-cap) logits: ln_final output times the (folded) unembedding
-        lt = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U
-        stack, labels = cache.get_full_resid_decomposition(
-            layer=-1, expand_neurons=False, apply_ln=False, pos_slice=pos, return_labels=True)
-        attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=pos)
+        if hf is not None:  # post-norm blocks: exact decomposition on the HF module
+            d = decompose(hf, ids, pos)
+            mem = _pick_mem(d.precap, mems)
+            lt, b_U, labels, attr = d.precap, d.b_U, d.labels, d.logit_attrs(ic, mem)
+        else:
+            _check_linear(bridge, ids, pos)
+            logits, cache = bridge.run_with_cache(ids)
+            mem = _pick_mem(logits[:, pos], mems)
+            # the linear (pre-cap) logits: ln_final output times the (folded) unembedding
+            lt, b_U = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U, bridge.b_U
+            stack, labels = cache.get_full_resid_decomposition(
+                layer=-1, expand_neurons=False, apply_ln=False, pos_slice=pos, return_labels=True)
+            attr = cache.logit_attrs(stack, tokens=ic, incorrect_tokens=mem, pos_slice=pos)
         if comps is None:
             comps = torch.zeros(attr.shape[0], n)
             ub, ld = torch.zeros(n), torch.zeros(n)
             ics, mms = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
         rows = torch.tensor(idx)
         comps[:, rows] = attr.float().cpu()
-        ub[rows] = (bridge.b_U[ic] - bridge.b_U[mem]).float().cpu()
+        ub[rows] = (b_U[ic] - b_U[mem]).float().cpu()
         ar = torch.arange(len(idx), device=lt.device)
         ld[rows] = (lt[ar, ic] - lt[ar, mem]).float().cpu()
         ics[rows], mms[rows] = ic.cpu(), mem.cpu()
@@ -305,7 +315,7 @@ class HeadAttribution:
     valid: torch.Tensor
 
 
-def _first_token(bridge, texts, targets, foils, position, batch_size):
+def _first_token(bridge, texts, targets, foils, position, batch_size, hf=None):
     t_ids, f_ids = _first_ids(bridge, targets, foils)
     L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     names = ({f"blocks.{l}.attn.hook_z" for l in range(L)}
@@ -313,12 +323,17 @@ def _first_token(bridge, texts, targets, foils, position, batch_size):
     out, diff = torch.zeros(L * H, len(texts)), torch.zeros(len(texts))
     nonzero = torch.ones(len(texts), dtype=torch.bool)
     for idx, ids, tgt, fls, pos in _groups(bridge, texts, t_ids, f_ids, batch_size, position):
-        _check_linear(bridge, ids, pos)
-        logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
-        foil = _pick_mem(logits[:, pos], fls)
-        pre = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U  # pre-cap logits
-        stack = cache.stack_head_results(layer=-1, pos_slice=pos)  # [L*H, B, d_model]
-        attr = cache.logit_attrs(stack, tokens=tgt, incorrect_tokens=foil, pos_slice=pos)
+        if hf is not None:  # post-norm blocks (module docstring)
+            d = decompose(hf, ids, pos)
+            foil = _pick_mem(d.precap, fls)
+            pre, attr = d.precap, d.logit_attrs(tgt, foil)[: L * H]
+        else:
+            _check_linear(bridge, ids, pos)
+            logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+            foil = _pick_mem(logits[:, pos], fls)
+            pre = cache["ln_final.hook_out"][:, pos] @ bridge.W_U + bridge.b_U  # pre-cap logits
+            stack = cache.stack_head_results(layer=-1, pos_slice=pos)  # [L*H, B, d_model]
+            attr = cache.logit_attrs(stack, tokens=tgt, incorrect_tokens=foil, pos_slice=pos)
         rows, ar = torch.tensor(idx), torch.arange(len(idx), device=pre.device)
         out[:, rows] = attr.float().cpu()
         diff[rows] = (pre[ar, tgt] - pre[ar, foil]).float().cpu()
@@ -326,12 +341,14 @@ def _first_token(bridge, texts, targets, foils, position, batch_size):
     return out, diff, nonzero
 
 
-def _full_answer(bridge, text: str, answer: str, i: int, names):
+def _full_answer(bridge, text: str, answer: str, i: int, names, hf=None):
     """``([L*H] first-order direct attribution, summed log-prob)`` of ``answer`` after ``text``."""
     tok = bridge.tokenizer
     bos = bridge_bos(bridge)
     p_ids, a_ids = bos + _text_ids(tok, text, "text", i), _text_ids(tok, answer, "targets", i)
     ids = torch.tensor([p_ids + a_ids], device=bridge.cfg.device)
+    if hf is not None:  # post-norm blocks (module docstring)
+        return _full_answer_postnorm(hf, ids, len(p_ids), a_ids)
     _check_linear(bridge, ids, -1)
     logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
     pos = torch.arange(len(p_ids) - 1, len(p_ids) + len(a_ids) - 1, device=ids.device)
@@ -350,14 +367,31 @@ def _full_answer(bridge, text: str, answer: str, i: int, names):
     return attr.float().cpu(), float(logp[torch.arange(len(a_ids)), y].sum())
 
 
-def _full(bridge, texts, targets, foils):
+def _full_answer_postnorm(hf, ids, n_prompt: int, a_ids):
+    """:func:`_full_answer` on the HF module (frozen norm scales, :mod:`.postnorm`)."""
+    pos = torch.arange(n_prompt - 1, n_prompt + len(a_ids) - 1, device=ids.device)
+    d = decompose(hf, ids, pos)
+    z = d.precap[0]                                                        # [R, V] pre-cap
+    cap = float(getattr(hf.config, "final_logit_softcapping", None) or 0.0)
+    logp = torch.log_softmax(cap * torch.tanh(z / cap) if cap > 0 else z, dim=-1)
+    ar = torch.arange(len(a_ids), device=ids.device)
+    grad = -logp.exp()
+    grad[ar, torch.tensor(a_ids, device=ids.device)] += 1.0
+    if cap > 0:
+        grad = grad * (1 - torch.tanh(z / cap) ** 2)
+    L, H = len(hf.base_model.layers), int(hf.config.num_attention_heads)
+    attr = torch.einsum("crd,rd->c", d.stack[: L * H, 0], grad @ d.W_U)
+    return attr.float().cpu(), float(logp[ar, torch.tensor(a_ids, device=ids.device)].sum())
+
+
+def _full(bridge, texts, targets, foils, hf=None):
     L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     names = ({f"blocks.{l}.attn.hook_z" for l in range(L)}
              | {"ln_final.hook_scale", "ln_final.hook_out"})
     out, diff = torch.zeros(L * H, len(texts)), torch.zeros(len(texts))
     for i, (t, y, fs) in enumerate(zip(texts, targets, foils)):
-        a_t, lp_t = _full_answer(bridge, t, y, i, names)
-        a_f, lp_f = max((_full_answer(bridge, t, f, i, names) for f in fs), key=lambda r: r[1])
+        a_t, lp_t = _full_answer(bridge, t, y, i, names, hf)
+        a_f, lp_f = max((_full_answer(bridge, t, f, i, names, hf) for f in fs), key=lambda r: r[1])
         out[:, i], diff[i] = a_t - a_f, lp_t - lp_f
     return out, diff, torch.ones(len(texts), dtype=torch.bool)
 
@@ -413,9 +447,10 @@ def head_attribution(
                           "leave position at -1")
     bridge = resolve_bridge(lm, bridge=bridge)
     if answer == "first-token":
-        out, diff, nonzero = _first_token(bridge, texts, tgts, fls, position, batch_size)
+        out, diff, nonzero = _first_token(bridge, texts, tgts, fls, position, batch_size,
+                                          post_norm_model(lm))
     else:
-        out, diff, nonzero = _full(bridge, texts, tgts, fls)
+        out, diff, nonzero = _full(bridge, texts, tgts, fls, post_norm_model(lm))
     L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     return HeadAttribution(out.reshape(L, H, len(texts)), diff,
                            nonzero & torch.tensor(keep, dtype=torch.bool))

@@ -43,7 +43,8 @@ def test_first_token_difference_is_the_hf_logit_difference(tiny):
     for i, (t, y, fs) in enumerate(zip(texts, [" Paris", " Yes", " world"], [[" Rome"], [" No", " Never"], [" there"]])):
         ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            lg = lm.model(ids).logits[0, -1]
+            h = lm.model.base_model(input_ids=ids).last_hidden_state[0, -1]
+            lg = h @ lm.model.get_output_embeddings().weight.T  # pre-cap (no lm_head bias here)
         first = lambda s: tok(s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
         want = float(lg[first(y)] - max(lg[first(f)] for f in fs))
         assert float(res.difference[i]) == pytest.approx(want, abs=1e-4)
@@ -81,8 +82,7 @@ def test_bad_arguments(tiny):
 def test_bos_models_and_soft_cap(tmp_path, family):
     """A BOS-adding tokenizer (llama) and a soft-capped head (gemma2, logits past the cap): the
     first-token difference is the pre-cap HF logit difference (llama) and the full-answer
-    difference is the scored log-prob difference; gemma2's DLA is refused (post-norms)."""
-    from preflens.errors import ModelError
+    difference is the scored log-prob difference (gemma2: exact post-norm DLA on the HF module)."""
     from preflens.scoring import bos_prefix
     from tests.families.builders import build_family
 
@@ -90,10 +90,6 @@ def test_bos_models_and_soft_cap(tmp_path, family):
                                      logit_scale=300.0 if family == "gemma2" else 1.0)), device="cpu")
     texts = ["The capital of France is", "Q: What is the capital of Italy? A:"]
     targets, foils = [" Paris. Yes", " Rome"], [" Warsaw", [" Tokyo. No", " Sure"]]
-    if family == "gemma2":
-        with pytest.raises(ModelError, match="not exact"):
-            head_attribution(lm, texts, targets, foils, answer="full")
-        return
     assert bos_prefix(lm.tokenizer)
     full = head_attribution(lm, texts, targets, foils, answer="full")
     lp = lambda ys: response_logprobs(lm, texts, ys, add_eos=False).logp  # noqa: E731
@@ -104,7 +100,8 @@ def test_bos_models_and_soft_cap(tmp_path, family):
     for i, t in enumerate(texts):
         ids = torch.tensor([list(bos_prefix(tok)) + tok(t, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            lg = lm.model(ids).logits[0, -1]
+            h = lm.model.base_model(input_ids=ids).last_hidden_state[0, -1]
+            lg = h @ lm.model.get_output_embeddings().weight.T  # pre-cap (no lm_head bias here)
         f1 = lambda s: tok(s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
         fs = [foils[i]] if isinstance(foils[i], str) else foils[i]
         assert float(first.difference[i]) == pytest.approx(

@@ -36,12 +36,6 @@ def _precap_logits(lm, ids):
 
 
 def test_dla_total_is_the_precap_logit_difference(lm, family):
-    if family == "gemma2":  # post-attention/post-MLP norms: not a linear decomposition
-        with pytest.raises(ModelError, match="not exact for Gemma2"):
-            logit_decomposition(lm, PROMPTS)
-        with pytest.raises(ModelError, match="post-norms"):
-            head_logit_attribution(lm, PROMPTS)
-        return
     d = logit_decomposition(lm, PROMPTS)
     per = head_logit_attribution(lm, PROMPTS, per_prompt=True)
     L, H = per.shape[:2]
@@ -54,6 +48,12 @@ def test_dla_total_is_the_precap_logit_difference(lm, family):
         scale = max(1.0, float(z.abs().max()))
         assert float(d.total()[i]) == pytest.approx(want, abs=2e-5 * scale)
         assert float(d.logit_diff[i]) == pytest.approx(want, abs=2e-5 * scale)
+
+
+def test_post_norm_dla_needs_the_lm_not_only_a_bridge(family_lms):
+    lm = family_lms["gemma2"]  # post-attention/post-MLP norms: TL's decomposition leaves them out
+    with pytest.raises(ModelError, match="post-norms"):
+        head_logit_attribution(None, PROMPTS, bridge=lm.bridge(compat=True))
 
 
 @pytest.mark.parametrize("compat", [False, True])
