@@ -123,7 +123,12 @@ def decompose(model, ids: torch.Tensor, pos) -> PostNormDecomposition:
                 handles.append(getattr(b, name).register_forward_hook(keep((name, l)),
                                                                       with_kwargs=True))
         handles.append(base.norm.register_forward_hook(keep("final"), with_kwargs=True))
-        model(input_ids=ids, use_cache=False)
+        training = model.training  # e.g. a tracker measuring the model being trained
+        model.eval()
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            model.train(training)
     finally:
         for h in handles:
             h.remove()

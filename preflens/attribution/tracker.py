@@ -95,7 +95,8 @@ class DlaTracker(Tracker):
         else:
             bridge = lm.bridge(compat=True)  # a deep copy of the current weights
             try:
-                per = head_logit_attribution(bridge, self.prompts, per_prompt=True, batch_size=self.batch_size)
+                per = head_logit_attribution(lm, self.prompts, bridge=bridge, per_prompt=True,
+                                             batch_size=self.batch_size)  # lm: post-norm families
             finally:
                 del bridge
             per = per.double()

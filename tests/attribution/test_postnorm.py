@@ -136,3 +136,28 @@ def test_pre_norm_models_use_the_bridge_path(tmp_path):
     lm = load_model(str(build_family("llama", tmp_path / "l", seed=1)), device="cpu")
     assert post_norm_model(lm) is None
     assert post_norm_model(lm.bridge(compat=True)) is None  # a bridge alone: no HF path
+
+
+def test_dla_tracker_runs_on_gemma2_and_restores_train_mode(gemma2, tmp_path):
+    from types import SimpleNamespace
+
+    from preflens.attribution.tracker import DlaTracker, probe_triples
+    from preflens.data import PreferencePair
+
+    pairs = [PreferencePair(f"Question {i}: the capital is", " Paris", " Rome") for i in range(3)]
+    tr = DlaTracker(gemma2, pairs, every=1)
+    assert tr.via == "bridge"
+    def state(step):
+        return SimpleNamespace(step=step, total_steps=1, epoch=0, metrics={}, model=gemma2.model,
+                               lm=gemma2, rank=0, world_size=1, is_main=True, out_dir=tmp_path)
+
+    gemma2.model.train()
+    try:
+        tr.on_train_begin(state(0))
+        row = tr.on_step(state(1))
+        assert gemma2.model.training
+    finally:
+        gemma2.model.eval()
+    _, prompts = probe_triples(gemma2, pairs)
+    want = head_logit_attribution(gemma2, prompts, per_prompt=True).double()
+    assert row["tracked/dla/L0H1"] == pytest.approx(float(want[0, 1].mean()), abs=1e-5)
