@@ -41,7 +41,7 @@ def parse_lenses(spec: str | Sequence[str] | None) -> list[str]:
 
 
 def build_trackers(lm, probe_pairs: Sequence, lenses: Sequence[str], *, every: int = 10, n: int | None = 32,
-                   seed: int = 0, loss: str = "dpo", loss_kwargs: dict | None = None, ghost_n: int = 16,
+                   seed: int = 0, loss: str = "dpo", loss_kwargs: dict | None = None, ghost_n: int = 8,
                    batch_size: int = 64) -> list:
     """The trackers of ``lenses`` over one probe set.
 
