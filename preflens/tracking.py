@@ -315,6 +315,9 @@ class Tracker:
     """
 
     name = "tracker"
+    #: a callback that runs forwards/backwards on ``state.model`` (on rank 0) at record steps; the
+    #: training loop refuses such callbacks where a rank-0-only pass would hang (FSDP over > 1 rank)
+    measures = True
 
     def __init__(self, lm, *, every: int = 10) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:

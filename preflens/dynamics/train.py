@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
@@ -156,6 +157,19 @@ def _check_inputs(lm, pairs: list, eval_pairs: list, cfg: TrainConfig) -> None:
         raise ConfigError("eval_every", "given without eval_pairs")
     if cfg.precision == "bf16" and next(lm.model.parameters()).dtype != torch.float32:
         raise ConfigError("precision", "bf16 autocast needs fp32 master weights; load the model in float32")
+
+
+def _check_measuring(hooks: CallbackList, cfg: TrainConfig) -> None:
+    """ConfigError ``track`` for measuring callbacks (``measures = True``, e.g. the lens trackers)
+    under ``shard="fsdp"`` on more than one process: they run forwards on rank 0 alone, which
+    would wait forever for the all-gathers of the sharded parameters. Checked before any
+    process-group work, so every rank fails fast with the same message."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    measuring = [n for n, cb in zip(hooks.names, hooks.callbacks) if getattr(cb, "measures", False)]
+    if cfg.shard == "fsdp" and world > 1 and measuring:
+        raise ConfigError("track", f"tracking ({', '.join(measuring)}) is not supported with shard='fsdp' on "
+                          f"{world} processes (a rank-0-only measurement of sharded parameters would hang); "
+                          "use shard='ddp', or drop the trackers")
 
 
 def prepare_data(lm, pairs: list, eval_pairs: list, cfg: TrainConfig, env: DistEnv) -> TrainData:
@@ -437,6 +451,7 @@ def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs
     pairs, eval_pairs = list(pairs), list(eval_pairs or [])
     _check_inputs(lm, pairs, eval_pairs, cfg)
     hooks = CallbackList(callbacks)
+    _check_measuring(hooks, cfg)
     with distributed(cfg.device, lm.device) as env:
         data = prepare_data(lm, pairs, eval_pairs, cfg, env)
         run = RunDir(out_dir, env.is_main, checkpoint)

@@ -111,6 +111,20 @@ def test_tracked_run_trains_bit_identically_to_an_untracked_run(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_trackers_under_multi_process_fsdp_are_refused_before_any_process_group(tiny, tmp_path, monkeypatch):
+    # a rank-0-only measurement of FSDP-sharded parameters would hang on the all-gathers: refused up
+    # front (the env says 2 processes; the check runs before the process group is joined, so none is)
+    from preflens.errors import ConfigError
+
+    pairs = _pairs(8)
+    trackers = build_trackers(tiny, pairs, ["ranking"], every=2, n=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="ranking") as err:
+        train_preference(tiny, pairs, out_dir=tmp_path / "run", callbacks=trackers, **dict(LOOP, shard="fsdp"))
+    assert err.value.option == "track" and "fsdp" in str(err.value)
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
 DDP_WORKER = """
 import json, sys
 import torch
