@@ -38,7 +38,11 @@ def test_unreachable_hub_without_offline_env_fails_fast(monkeypatch):
 def test_probe_of_a_hanging_hub_is_bounded(monkeypatch):
     import urllib.request
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: time.sleep(10))  # DNS/connect hang
+    def hang(*args, **kwargs):  # DNS/connect hang, then a network error
+        time.sleep(10)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(urllib.request, "urlopen", hang)
     t0 = time.perf_counter()
     assert _hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - t0 < 1.5

@@ -48,6 +48,7 @@ def test_batched_equals_per_example_tiny(tiny, mix):
         assert abs(batched.mean_logp[i].item() - ref / n) <= 1e-5 * max(1.0, abs(ref / n))
 
 
+@pytest.mark.slow
 def test_batched_equals_per_example_gpt2_small_random(gpt2_random):
     prompts = _texts(4, 2, 30, seed=3)
     responses = _texts(4, 1, 25, seed=4)

@@ -144,6 +144,7 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
     # Kill 1: between checkpoints (after step 3's metrics line, before step 4's).

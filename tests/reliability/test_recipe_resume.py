@@ -82,6 +82,7 @@ def _calls(out: Path) -> list[tuple[int, str]]:
     return [(int(p), n) for p, n in (line.split() for line in (out / "calls.log").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_killed_recipe_reuses_finished_steps_and_results_stay_whole(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

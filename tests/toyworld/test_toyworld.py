@@ -22,6 +22,7 @@ def _mini(steps):
                        lr=1e-2, warmup=10, n_fictional=20, countries=SMALL)
 
 
+@pytest.mark.slow
 def test_miniature_world_end_to_end(tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
