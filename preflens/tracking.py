@@ -315,8 +315,8 @@ class Tracker:
     """
 
     name = "tracker"
-    #: a callback that runs forwards/backwards on ``state.model`` (on rank 0) at record steps; the
-    #: training loop refuses such callbacks where a rank-0-only pass would hang (FSDP over > 1 rank)
+    #: a callback that runs forwards/backwards on ``state.model`` (on rank 0) at record steps; under
+    #: FSDP the training loop gathers a plain replica for it on the steps :meth:`records_at` names
     measures = True
 
     def __init__(self, lm, *, every: int = 10) -> None:
@@ -380,11 +380,17 @@ class Tracker:
         if self.last_step is None:
             self.record(_state_model(state), step)
 
+    def records_at(self, step: int, total: int | None) -> bool:
+        """Whether :meth:`on_step` may record after ``step`` updates of ``total`` (every
+        ``every``-th step and the last). The same answer on every rank (it ignores ``history``,
+        which only rank 0 fills), so all ranks can agree on collective work for the record."""
+        return not step % self.every or step == total
+
     def on_step(self, state) -> dict[str, float] | None:
         if not _is_main(state):
             return None
         step, total = int(state.step), _state_attr(state, "total_steps")
-        if step % self.every and step != total:
+        if not self.records_at(step, total):
             return None
         if self.last_step == step:
             return None

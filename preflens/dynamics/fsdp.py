@@ -268,28 +268,35 @@ def load_sharded_latest(root: str | Path, *, model: torch.nn.Module, optimizer: 
     return None
 
 
-def gather_plain_model(policy: torch.nn.Module, wrapped: torch.nn.Module) -> torch.nn.Module:
-    """A plain (unsharded) copy of ``policy`` with the full trained weights (call on every rank).
-
-    ``wrapped`` is the FSDP root holding ``policy``. The copy is built on the meta device, given
-    storage on ``policy``'s device, filled from the full state dict (an all-gather) and from
-    ``policy``'s buffers (FSDP shards parameters only), and its tied weights are re-tied.
-    """
+def full_policy_state(policy: torch.nn.Module, wrapped: torch.nn.Module, *, cpu_offload: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of ``policy`` inside the FSDP root ``wrapped``, names
+    relative to ``policy`` (a collective: call on every rank). ``cpu_offload=True``: gathered
+    to CPU, and only rank 0 gets the tensors (the other ranks an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
     prefix = next(name for name, m in wrapped.named_modules() if m is policy)
-    full = {k[len(prefix) + 1:]: v for k, v in full.items() if k.startswith(prefix + ".")}
-    dtype = next(iter(full.values())).dtype
-    with torch.device("meta"):
-        plain = type(policy)(policy.config)
-    device = next((b.device for b in policy.buffers()), None) or full_tensor(next(policy.parameters())).device
-    plain = plain.to_empty(device=device).to(dtype)
+    return {k[len(prefix) + 1:]: v for k, v in full.items() if k.startswith(prefix + ".")}
+
+
+def plain_from_state(policy: torch.nn.Module, full: dict[str, torch.Tensor], plain: torch.nn.Module | None = None,
+                     device: torch.device | None = None) -> torch.nn.Module:
+    """``plain`` (a new plain module of ``policy``'s class when None) loaded with ``full`` (from
+    :func:`full_policy_state`) and ``policy``'s buffers (FSDP shards parameters only), tied
+    weights re-tied; on ``device`` (default ``policy``'s)."""
+    if plain is None:
+        dtype = next(iter(full.values())).dtype
+        with torch.device("meta"):
+            plain = type(policy)(policy.config)
+        device = device or next((b.device for b in policy.buffers()), None) or full_tensor(
+            next(policy.parameters())).device
+        plain = plain.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, buf in policy.named_buffers():
             owner, _, attr = name.rpartition(".")
             target = plain.get_submodule(owner) if owner else plain
-            setattr(target, attr, buf.detach().clone())
+            setattr(target, attr, buf.detach().clone().to(next(plain.parameters()).device))
         _, unexpected = plain.load_state_dict(full, strict=False)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()
@@ -297,3 +304,13 @@ def gather_plain_model(policy: torch.nn.Module, wrapped: torch.nn.Module) -> tor
     if bad:
         raise TrainingError(f"gathering the sharded model failed: parameters {bad[:5]} do not match")
     return plain.eval()
+
+
+def gather_plain_model(policy: torch.nn.Module, wrapped: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unsharded) copy of ``policy`` with the full trained weights (call on every rank).
+
+    ``wrapped`` is the FSDP root holding ``policy``. The copy is built on the meta device, given
+    storage on ``policy``'s device, filled from the full state dict (an all-gather) and from
+    ``policy``'s buffers (FSDP shards parameters only), and its tied weights are re-tied.
+    """
+    return plain_from_state(policy, full_policy_state(policy, wrapped))

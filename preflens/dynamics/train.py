@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
@@ -157,19 +156,6 @@ def _check_inputs(lm, pairs: list, eval_pairs: list, cfg: TrainConfig) -> None:
         raise ConfigError("eval_every", "given without eval_pairs")
     if cfg.precision == "bf16" and next(lm.model.parameters()).dtype != torch.float32:
         raise ConfigError("precision", "bf16 autocast needs fp32 master weights; load the model in float32")
-
-
-def _check_measuring(hooks: CallbackList, cfg: TrainConfig) -> None:
-    """ConfigError ``track`` for measuring callbacks (``measures = True``, e.g. the lens trackers)
-    under ``shard="fsdp"`` on more than one process: they run forwards on rank 0 alone, which
-    would wait forever for the all-gathers of the sharded parameters. Checked before any
-    process-group work, so every rank fails fast with the same message."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    measuring = [n for n, cb in zip(hooks.names, hooks.callbacks) if getattr(cb, "measures", False)]
-    if cfg.shard == "fsdp" and world > 1 and measuring:
-        raise ConfigError("track", f"tracking ({', '.join(measuring)}) is not supported with shard='fsdp' on "
-                          f"{world} processes (a rank-0-only measurement of sharded parameters would hang); "
-                          "use shard='ddp', or drop the trackers")
 
 
 def prepare_data(lm, pairs: list, eval_pairs: list, cfg: TrainConfig, env: DistEnv) -> TrainData:
@@ -368,6 +354,33 @@ def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv
 
 
 # ----------------------------------------------------------------------------- the loop
+class _TrackingReplica:
+    """Under FSDP, a plain replica of the policy for the measuring callbacks (``measures = True``,
+    e.g. the lens trackers), which run forwards/backwards on rank 0 alone: a rank-0-only pass over
+    sharded parameters would wait forever for the other ranks' all-gathers. On a step where a
+    measuring callback may record (its ``records_at(step, total)``; every step when it has none;
+    always at the start), every rank joins one full-state gather to CPU and rank 0 loads it into
+    the replica (built once); ``state.model`` is the replica on rank 0 for that step's callbacks,
+    the sharded policy otherwise."""
+
+    def __init__(self, callbacks: CallbackList, policy, model, env: DistEnv, state: TrainState) -> None:
+        self.measuring = [cb for cb in callbacks.callbacks if getattr(cb, "measures", False)]
+        self.policy, self.model, self.env, self.state = policy, model, env, state
+        self.plain = None
+
+    def sync(self, step: int | None, total: int) -> None:
+        """``step`` None = the start of training."""
+        self.state.model = self.policy
+        if not self.measuring or (step is not None and not any(
+                cb.records_at(step, total) if callable(getattr(cb, "records_at", None)) else True
+                for cb in self.measuring)):
+            return
+        full = fsdp.full_policy_state(self.policy, self.model, cpu_offload=True)  # collective: every rank
+        if self.env.is_main:
+            self.plain = fsdp.plain_from_state(self.policy, full, self.plain, device=self.env.device)
+            self.state.model = self.plain
+
+
 def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: RunDir, callbacks: CallbackList,
           model, opt, params, start: int, last_ckpt: Path | None, peft_model=None) -> RunResult:
     policy, total = lm.model, data.total_steps
@@ -380,6 +393,9 @@ def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: 
         stack.enter_context(tf32_for(env.device, cfg.precision))  # bf16 on CUDA: fp32 head matmuls in TF32
         stack.enter_context(no_kv_cache(policy))
         stack.enter_context(run.metrics_writer())
+        replica = _TrackingReplica(callbacks, policy, model, env, state) if sharded else None
+        if replica is not None:
+            replica.sync(None, total)
         callbacks.on_train_begin(state)
         t_prev = time.perf_counter()
         for step in range(start, total):
@@ -403,6 +419,8 @@ def _loop(lm, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv, run: 
                 metrics.update(evaluate(policy, data, refs, cfg, env, model))
             state.step, state.epoch, state.metrics = step + 1, step // data.steps_per_epoch, metrics
             state.batch, state.batch_indices = [data.pairs[i] for i in idx], idx
+            if replica is not None:
+                replica.sync(step + 1, total)
             callbacks.on_step(state)
             run.log(metrics, last_ckpt)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total:
@@ -451,7 +469,6 @@ def train_preference(lm, pairs, config: TrainConfig | None = None, *, eval_pairs
     pairs, eval_pairs = list(pairs), list(eval_pairs or [])
     _check_inputs(lm, pairs, eval_pairs, cfg)
     hooks = CallbackList(callbacks)
-    _check_measuring(hooks, cfg)
     with distributed(cfg.device, lm.device) as env:
         data = prepare_data(lm, pairs, eval_pairs, cfg, env)
         run = RunDir(out_dir, env.is_main, checkpoint)

@@ -77,7 +77,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from preflens.data import write_pairs  # noqa: E402
+from preflens.data import read_pairs, write_pairs  # noqa: E402
 from preflens.dynamics.train import train_preference  # noqa: E402
 from preflens.report import LENSES, build_trackers  # noqa: E402
 
@@ -111,18 +111,18 @@ def test_tracked_run_trains_bit_identically_to_an_untracked_run(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trackers_under_multi_process_fsdp_are_refused_before_any_process_group(tiny, tmp_path, monkeypatch):
-    # a rank-0-only measurement of FSDP-sharded parameters would hang on the all-gathers: refused up
-    # front (the env says 2 processes; the check runs before the process group is joined, so none is)
-    from preflens.errors import ConfigError
-
-    pairs = _pairs(8)
-    trackers = build_trackers(tiny, pairs, ["ranking"], every=2, n=4)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="ranking") as err:
-        train_preference(tiny, pairs, out_dir=tmp_path / "run", callbacks=trackers, **dict(LOOP, shard="fsdp"))
-    assert err.value.option == "track" and "fsdp" in str(err.value)
-    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+def test_trackers_under_one_process_fsdp_match_an_unsharded_run(tiny, tmp_path):
+    # shard="fsdp" on one process: the trackers measure the gathered replica, same numbers
+    pairs, loop = _pairs(8), dict(LOOP, steps=2)
+    got = {}
+    for shard in ("ddp", "fsdp"):
+        lm = copy.deepcopy(tiny)
+        trackers = build_trackers(lm, pairs, ["ranking"], every=1, n=4)
+        res = train_preference(lm, pairs, out_dir=tmp_path / shard, callbacks=trackers, shard=shard, **loop)
+        got[shard] = [{k: v for k, v in r.items() if k.startswith("tracked/")} for r in _rows(res.metrics_path)]
+    assert got["fsdp"][0] and len(got["fsdp"]) == 2
+    for a, b in zip(got["fsdp"], got["ddp"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
 
 DDP_WORKER = """
@@ -137,19 +137,19 @@ from preflens.report import LENSES, build_trackers
 data, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 lm = load_model("tiny-random", device="cpu")
 pairs = read_pairs(data)
-trackers = build_trackers(lm, pairs, LENSES, every=2, n=8, ghost_n=4, loss="dpo", loss_kwargs={"beta": 0.5})
+lenses = config.pop("lenses", LENSES)
+trackers = build_trackers(lm, pairs, lenses, every=2, n=8, ghost_n=4, loss="dpo", loss_kwargs={"beta": 0.5})
 train_preference(lm, pairs, out_dir=out, callbacks=trackers, **config)
 """
 
 
-@pytest.mark.slow
-def test_trackers_under_two_process_ddp_record_once_on_rank_0(tmp_path):
+def _torchrun_tracked(tmp_path, out, config, what):
     script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
     script.write_text(DDP_WORKER)
     write_pairs(data, _pairs(12))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(data), str(tmp_path / "ddp"), json.dumps(dict(LOOP, optimizer="sgd", lr=0.05))]
+           str(data), str(out), json.dumps(config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -157,9 +157,40 @@ def test_trackers_under_two_process_ddp_record_once_on_rank_0(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
         _, stderr = proc.communicate()
-        pytest.fail(f"2-process DDP run with trackers timed out (deadlock?):\n{stderr[-3000:]}")
+        pytest.fail(f"2-process {what} run with trackers timed out (deadlock?):\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
-    rows = _rows(tmp_path / "ddp" / "metrics.jsonl")
+    return _rows(out / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_trackers_under_two_process_fsdp_measure_a_gathered_replica_like_one_process(tiny, tmp_path):
+    # FSDP2 shards the parameters: rank 0 measures a plain replica loaded from a collective
+    # full-state gather on record steps; the tracked numbers follow a single-process run
+    lenses = ["ranking", "entanglement"]
+    config = dict(LOOP, optimizer="sgd", lr=0.05)
+    rows = _torchrun_tracked(tmp_path, tmp_path / "fsdp", dict(config, shard="fsdp", lenses=lenses), "FSDP")
+    lm = copy.deepcopy(tiny)
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
+    trackers = build_trackers(lm, pairs, lenses, every=2, n=8, ghost_n=4, loss="dpo", loss_kwargs={"beta": 0.5})
+    single = _rows(train_preference(lm, pairs, out_dir=tmp_path / "one", callbacks=trackers, **config).metrics_path)
+    assert [r["step"] for r in rows] == [r["step"] for r in single] == [1, 2, 3, 4, 5, 6]
+    tracked = [k for k in single[1] if k.startswith("tracked/")]
+    assert any(k.startswith("tracked/ranking/") for k in tracked) and any("entanglement" in k for k in tracked)
+    for a, b in zip(rows, single):
+        assert sorted(k for k in a if k.startswith("tracked/")) == sorted(k for k in b if k.startswith("tracked/"))
+        for k in b:
+            if k.startswith("tracked/"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (a["step"], k)
+    for lens in lenses:  # one record per record step: only rank 0 wrote
+        recs = read_jsonl(tmp_path / "fsdp" / "tracked" / f"{lens}.jsonl")
+        assert [r["step"] for r in recs] == [0, 2, 4, 6], lens
+        ones = read_jsonl(tmp_path / "one" / "tracked" / f"{lens}.jsonl")
+        assert recs[0]["metrics"] == pytest.approx(ones[0]["metrics"], rel=1e-5, abs=1e-5), lens  # the baseline
+
+
+@pytest.mark.slow
+def test_trackers_under_two_process_ddp_record_once_on_rank_0(tmp_path):
+    rows = _torchrun_tracked(tmp_path, tmp_path / "ddp", dict(LOOP, optimizer="sgd", lr=0.05), "DDP")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(any(k.startswith(f"tracked/{lens}/") for k in rows[1]) for lens in LENSES)
     for lens in LENSES:  # one record per step: only rank 0 wrote
