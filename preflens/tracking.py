@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from preflens.data.io import atomic_write_text
+from preflens.data.io import atomic_write_text, truncate_jsonl  # noqa: F401  (truncate_jsonl re-exported)
 from preflens.errors import ConfigError, DataError
 from preflens.scoring import (CPU_MAX_TOKENS, collate, encode, final_hidden, head_logits, length_buckets, logit_head,
                               target_logprobs)
@@ -84,27 +84,6 @@ def sample_probe_pairs(pairs: Sequence, n: int, seed: int = 0) -> list:
         return pairs
     idx = sorted(random.Random(seed).sample(range(len(pairs)), n))
     return [pairs[i] for i in idx]
-
-
-def truncate_jsonl(path: str | Path, step: int) -> None:
-    """Keep the leading records of a per-step JSONL file with ``step`` ≤ ``step`` (atomically).
-
-    The same rule as :func:`preflens.dynamics.checkpoint.truncate_metrics`: a torn or unreadable
-    line ends the kept part; ``step = 0`` empties (creates) the file.
-    """
-    path = Path(path)
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            if not isinstance(record, dict) or record.get("step", float("inf")) > step:
-                break
-            kept.append(line + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(kept))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -228,3 +228,26 @@ def read_ranked(path: str | Path) -> list[RankedResponses]:
 def write_ranked(path: str | Path, records: Iterable[RankedResponses]) -> Path:
     """Atomically write ranked-response records as JSONL."""
     return atomic_write_text(path, _to_jsonl(records))
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Cut a per-step JSONL file back to its leading records with ``step`` ≤ ``step`` (atomically).
+
+    Used for ``metrics.jsonl`` and ``tracked/<lens>.jsonl`` on resume: a run killed after its last
+    checkpoint has logged steps the resumed run will redo, and cutting them makes the final file
+    equal an uninterrupted run's. A torn or unreadable line (killed mid-write) ends the kept part;
+    ``step = 0`` empties (creates) the file.
+    """
+    path = Path(path)
+    kept = []
+    if step > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not isinstance(record, dict) or record.get("step", float("inf")) > step:
+                break
+            kept.append(line + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(kept))

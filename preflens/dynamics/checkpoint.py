@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from preflens.data.io import atomic_write_text, default_file_mode
+from preflens.data.io import default_file_mode, truncate_jsonl
 from preflens.errors import TrainingError
 
 __all__ = [
@@ -342,21 +342,6 @@ def load_latest(
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:
-    """Cut a per-step JSONL metrics file back to its records with ``step`` ≤ ``step`` (atomically).
-
-    A run killed after its last checkpoint has logged steps the resumed run will redo; cutting
-    them makes the final file equal an uninterrupted run's. A torn last line (killed mid-write)
-    ends the kept part. ``step=0`` empties (creates) the file.
-    """
-    path = Path(path)
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            if not isinstance(record, dict) or record.get("step", float("inf")) > step:
-                break
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+    """Cut ``metrics.jsonl`` back to its records with ``step`` ≤ ``step`` before a resumed run
+    redoes them (:func:`preflens.data.io.truncate_jsonl`; a torn last line ends the kept part)."""
+    truncate_jsonl(path, step)
