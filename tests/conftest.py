@@ -102,3 +102,32 @@ def sigkill_when(proc, condition, *, timeout: float = 60.0, what: str = "the kil
             stream.close()
     assert proc.returncode == -signal.SIGKILL
 
+
+
+def run_torchrun(tmp_path, worker: str, pairs, out, config: dict, *, nproc: int = 2, what: str = "run",
+                 timeout: float = 240) -> None:
+    """Run ``worker`` (Python source taking ``data out config_json``) under ``torch.distributed.run``
+    with ``nproc`` CPU processes on ``pairs`` written as JSONL; fail the test with the tail of stderr
+    on a non-zero exit, and kill the launcher and every worker (its process group) on a timeout."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from preflens.data import write_pairs
+
+    script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
+    script.write_text(worker)
+    write_pairs(data, pairs)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), str(data), str(out), json.dumps(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and all workers, no orphans
+        _, stderr = proc.communicate()
+        pytest.fail(f"{nproc}-process {what} timed out (deadlock?):\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]

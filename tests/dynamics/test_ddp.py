@@ -9,18 +9,15 @@ first step is ≈ lr·sign(g), which turns float noise in near-zero gradients in
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from preflens.data import PreferencePair, write_pairs
+from preflens.data import PreferencePair
 from preflens.dynamics.train import train_preference
 from preflens.models import load_model
+from tests.conftest import run_torchrun
 
 CONFIG = dict(loss="dpo", loss_kwargs={"beta": 0.5}, optimizer="sgd", lr=0.05, steps=3, batch_size=4,
               seed=3, checkpoint_every=3)
@@ -49,21 +46,7 @@ def _pairs() -> list[PreferencePair]:
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path):
-    script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
-    script.write_text(WORKER)
-    write_pairs(data, _pairs())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(data), str(tmp_path / "ddp"), json.dumps(CONFIG)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
-        _, stderr = proc.communicate()
-        pytest.fail(f"2-process DDP run timed out:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(tmp_path, WORKER, _pairs(), tmp_path / "ddp", CONFIG, what="DDP run")
     pairs = _pairs()
     single = train_preference(load_model("tiny-random", device="cpu"), pairs[:8], eval_pairs=pairs[8:],
                               eval_every=1, out_dir=tmp_path / "single", **CONFIG)

@@ -8,18 +8,15 @@ batch of 4 pairs into 2 × 2, so agreement is to float tolerance, not bitwise.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from preflens.data import PreferencePair, write_pairs
+from preflens.data import PreferencePair
 from preflens.dynamics import fsdp
 from preflens.dynamics.train import train_preference
 from preflens.models import load_model
+from tests.conftest import run_torchrun
 
 CONFIG = dict(loss="dpo", loss_kwargs={"beta": 0.5}, optimizer="sgd", lr=0.05, batch_size=4, seed=3,
               checkpoint_every=1)
@@ -50,21 +47,7 @@ def _pairs() -> list[PreferencePair]:
 
 
 def _torchrun(tmp_path, out, config, nproc=2):
-    script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
-    script.write_text(WORKER)
-    write_pairs(data, _pairs())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), str(data), str(out), json.dumps(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
-        _, stderr = proc.communicate()
-        pytest.fail(f"{nproc}-process FSDP run timed out:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(tmp_path, WORKER, _pairs(), out, config, nproc=nproc, what="FSDP run")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -12,7 +12,7 @@ import torch
 from preflens.dynamics.entanglement import CASES, case_counts, entanglement_case, pair_gradient_stats, predict_first_order
 from preflens.dynamics.trackers import EntanglementTracker
 from preflens.tracking import read_jsonl
-from tests.conftest import capital_pairs, sigkill_when
+from tests.conftest import capital_pairs, run_torchrun, sigkill_when
 
 
 _pairs = capital_pairs
@@ -72,7 +72,6 @@ def test_entanglement_tracker_reference_free_loss_and_bad_ghost_n(tiny, tmp_path
 # ----------------------------------------------------------------------------------------------
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -144,21 +143,7 @@ train_preference(lm, pairs, out_dir=out, callbacks=trackers, **config)
 
 
 def _torchrun_tracked(tmp_path, out, config, what):
-    script, data = tmp_path / "worker.py", tmp_path / "pairs.jsonl"
-    script.write_text(DDP_WORKER)
-    write_pairs(data, _pairs(12))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(data), str(out), json.dumps(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no orphans
-        _, stderr = proc.communicate()
-        pytest.fail(f"2-process {what} run with trackers timed out (deadlock?):\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(tmp_path, DDP_WORKER, _pairs(12), out, config, what=f"{what} run with trackers")
     return _rows(out / "metrics.jsonl")
 
 
