@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -329,10 +330,25 @@ def load_latest(
     """
     root = Path(root)
     _remove_partial(root) if root.is_dir() else None
+    return newest_good(root, lambda path: load_checkpoint(path, model=model, optimizer=optimizer,
+                                                          trainable_only=trainable_only))
+
+
+def newest_good(root: str | Path, load: Callable[[Path], dict[str, Any]], *,
+                check: Callable[[Path], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, load(path))`` for the newest checkpoint under ``root`` that ``load`` accepts.
+
+    Newest first: ``check(path)`` (if given) runs before each attempt and its errors propagate; a
+    :class:`TrainingError` from ``load`` is logged and the previous checkpoint tried. When
+    checkpoints exist but none loads, raises :class:`TrainingError` listing each failure; ``None``
+    when there is no checkpoint.
+    """
     errors = []
     for path in reversed(list_checkpoints(root)):
+        if check is not None:
+            check(path)
         try:
-            return path, load_checkpoint(path, model=model, optimizer=optimizer, trainable_only=trainable_only)
+            return path, load(path)
         except TrainingError as exc:
             log.warning("%s; falling back to the previous checkpoint", exc)
             errors.append(str(exc))

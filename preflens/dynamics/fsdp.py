@@ -23,7 +23,6 @@ checkpoint written by N processes loads into M (resharded on load; M = 1 loads f
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import warnings
@@ -34,14 +33,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from preflens.dynamics.checkpoint import (_fsync, _remove_partial, _sha256, list_checkpoints, rng_state,
+from preflens.dynamics.checkpoint import (_fsync, _remove_partial, _sha256, list_checkpoints, newest_good, rng_state,
                                           set_rng_state)
 from preflens.errors import ConfigError, TrainingError
 
 __all__ = ["decoder_blocks", "enable_activation_checkpointing", "shard_model", "save_sharded_checkpoint",
            "load_sharded_latest", "full_tensor", "is_sharded_checkpoint"]
-
-log = logging.getLogger(__name__)
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -252,20 +249,12 @@ def load_sharded_latest(root: str | Path, *, model: torch.nn.Module, optimizer: 
     Raises:
         TrainingError: checkpoints exist but none loads; a plain (non-sharded) checkpoint.
     """
-    root = Path(root)
-    errors = []
-    for path in reversed(list_checkpoints(root)):
+    def sharded(path: Path) -> None:
         if not is_sharded_checkpoint(path):
             raise TrainingError(f"checkpoint {path} was not written with shard='fsdp'; resume with the "
                                 "strategy that wrote it, or pass resume=False (--no-resume)")
-        try:
-            return path, _load(path, model, optimizer, world)
-        except TrainingError as exc:
-            log.warning("%s; falling back to the previous checkpoint", exc)
-            errors.append(str(exc))
-    if errors:
-        raise TrainingError("no good checkpoint to resume from: " + "; ".join(errors))
-    return None
+
+    return newest_good(Path(root), lambda path: _load(path, model, optimizer, world), check=sharded)
 
 
 def full_policy_state(policy: torch.nn.Module, wrapped: torch.nn.Module, *, cpu_offload: bool = False
