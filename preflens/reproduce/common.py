@@ -226,6 +226,25 @@ class RecipeContext:
             self._memo[key] = fn()
         return self._memo[key]
 
+    def model_fingerprint(self) -> str | None:
+        """What identifies the weights behind ``model`` beyond its name, for the step cache:
+        for a local directory (``toyworld`` is the shipped assets folder) a digest of its
+        ``config.json`` and of each weight file's name, size and modification time, so that
+        retrained weights never reuse steps cached for the old ones (a copied folder recomputes
+        once). ``None`` for hub names and registered random models (their name fixes them)."""
+        path = TOYWORLD_SPEC.parent if self.model == "toyworld" else Path(self.model)
+        if not path.is_dir():
+            return None
+        h = hashlib.sha256()
+        cfg = path / "config.json"
+        if cfg.is_file():
+            h.update(cfg.read_bytes())
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
     def shared_lm(self):
         """The model under study, loaded once per context, for steps that only read it."""
         return self.memo("lm", self.fresh_lm)
@@ -235,7 +254,8 @@ class RecipeContext:
         """Run ``fn()`` (returning JSON-able data) unless a finished copy with the same ``key``,
         model, quick flag and seed is cached; cache the result atomically. An unreadable cache
         file (corrupt, truncated, not UTF-8) is logged and recomputed."""
-        ident = {"config": key, "model": self.model, "quick": self.quick, "seed": self.seed}
+        ident = {"config": key, "model": self.model, "weights": self.memo("fingerprint", self.model_fingerprint),
+                 "quick": self.quick, "seed": self.seed}
         if self.dtype is not None:
             ident["dtype"] = self.dtype
         digest = config_hash(ident)

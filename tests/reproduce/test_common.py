@@ -77,6 +77,25 @@ def test_step_args_key_the_cache(tmp_path):
     assert ctx.computed == ["s", "s"]
 
 
+def test_retrained_weights_do_not_reuse_cached_steps(tmp_path):
+    """A local model directory whose weights change (a retrain writes a new file) recomputes."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"old")
+    out = tmp_path / "out"
+    first = RecipeContext(paper="fake", model=str(model), out=out)
+    first.step("s", per_seed, FakeConfig(), 1)
+    again = RecipeContext(paper="fake", model=str(model), out=out)
+    again.step("s", per_seed, FakeConfig(), 1)
+    assert again.reused == ["s"]
+    weights.write_bytes(b"retrained")
+    after = RecipeContext(paper="fake", model=str(model), out=out)
+    after.step("s", per_seed, FakeConfig(), 1)
+    assert after.computed == ["s"] and after.reused == []
+
+
 def test_a_step_cannot_read_an_undeclared_field(tmp_path):
     ctx = RecipeContext(paper="fake", out=tmp_path)
     with pytest.raises(AttributeError, match=r"step 'g' does not declare config field 'lr'.*@reads"):
