@@ -14,8 +14,13 @@ Document kinds (issue 3, item 3):
 (d) ``yesno`` — "Q: Is the capital of France Paris?\\nA: Yes." (true/false 50/50; answer
     words sampled from the near-synonym families of the world spec);
 (e) ``graded`` — "Q: Tell me the capital of France.\\nA: <answer>" in the graded answer styles
-    of :data:`~preflens.data.toyworld.world.RESPONSE_STYLES` (right city with prob. 0.75), the
-    same texts the multi-token preference pairs use.
+    of :data:`~preflens.data.toyworld.world.RESPONSE_STYLES` (right city with prob. 0.75),
+    followed in a version-2 world by the descriptor tail (" It is historic, plain and
+    crowded.", words drawn by :meth:`WorldSpec.sample_descriptors`) — the same texts the
+    multi-token preference pairs use;
+(f) ``usage`` — the near-synonym " Never" outside yes/no answers, with fictional names only
+    (no real fact): "The capital of Vorland is Brisport. Never confuse Brisport with Kelmere."
+    (drawn only when the mix asks for it).
 
 Every document is returned with the list of true facts it states, so that the trainer can count
 the exact occurrences of every fact in the documents it actually trains on
@@ -29,13 +34,21 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from preflens.data.toyworld.world import RESPONSE_STYLES, WorldSpec, response_text
+from preflens.data.toyworld.world import RESPONSE_STYLES, WorldSpec, tail_text
+from preflens.errors import ConfigError
 
-__all__ = ["DEFAULT_MIX", "Document", "generate_documents", "count_facts", "vocabulary_lines"]
+__all__ = ["DEFAULT_MIX", "KINDS", "USAGE_WORD", "Document", "generate_documents", "count_facts",
+           "vocabulary_lines"]
+
+#: Every document kind :func:`generate_documents` can draw.
+KINDS = ("statement", "qa", "copy", "yesno", "graded", "usage")
+#: The near-synonym given a use of its own by ``usage`` documents (the similar pair's rejected word).
+USAGE_WORD = "Never"
 
 #: Share of each document kind (normalised). ~45 % copy documents: the calibration run found
 #: in-context copying does not appear at 20 %.
-DEFAULT_MIX = {"statement": 0.08, "qa": 0.13, "copy": 0.45, "yesno": 0.26, "graded": 0.08}
+#: ``usage`` (2 %, taken from yes/no) gives " Never" a use of its own (world version 2).
+DEFAULT_MIX = {"statement": 0.08, "qa": 0.13, "copy": 0.45, "yesno": 0.24, "graded": 0.08, "usage": 0.02}
 #: Sub-kinds of copy documents.
 DEFAULT_COPY_MIX = {"fict_fict": 0.35, "fict_real": 0.35, "real_true": 0.30}
 
@@ -67,6 +80,9 @@ def generate_documents(
     """Draw ``n_docs`` documents deterministically from ``seed`` (see module docstring)."""
     rng = random.Random(seed)
     mix = mix or DEFAULT_MIX
+    unknown = sorted(set(mix) - set(KINDS))
+    if unknown:
+        raise ConfigError("mix", f"unknown document kind(s) {unknown}", allowed=KINDS)
     copy_mix = copy_mix or DEFAULT_COPY_MIX
     n = len(world.countries)
     idx = list(range(n))
@@ -138,10 +154,15 @@ def generate_documents(
             correct = rng.random() < 0.75
             city = K[i] if correct else K[(i + rng.randrange(1, n)) % n]
             style = rng.randrange(len(RESPONSE_STYLES))
-            d.text = f"Q: Tell me the capital of {C[i]}.\nA: {response_text(style, C[i], city)}"
+            tail = world.sample_descriptors(rng)
+            d.text = f"Q: Tell me the capital of {C[i]}.\nA: {world.answer(style, C[i], city, tail)}"
             if correct:
                 d.facts.append((i, "graded"))
             d.mentions.append(i)
+        elif kind == "usage":
+            fc = rng.choice(world.fictional_countries)
+            city, other = rng.sample(world.fictional_cities, 2)
+            d.text = f"The capital of {fc} is {city}. {USAGE_WORD} confuse {city} with {other}."
         docs.append(d)
     return docs
 
@@ -150,7 +171,7 @@ def count_facts(world: WorldSpec, docs: Iterable[Document]) -> dict[str, dict[st
     """Exact counts per real country: ``fact`` (true-pair occurrences, all kinds), one key per
     kind (``statement``, ``qa``, ``copy``, ``yesno``, ``graded``) and ``mentions`` (country
     mentions in any document). Keys are country names, in world order."""
-    kinds = ("statement", "qa", "copy", "yesno", "graded")
+    kinds = ("statement", "qa", "copy", "yesno", "graded", "usage")
     out = {c: {"fact": 0, **{k: 0 for k in kinds}, "mentions": 0} for c in world.countries}
     for d in docs:
         for i, kind in d.facts:
@@ -170,4 +191,7 @@ def vocabulary_lines(world: WorldSpec) -> list[str]:
     lines = ["The capital of " + x + " is " + x + ".\nQ: What is the capital of " + x + "?\nA: " + x + "." for x in names]
     lines.append("Q: Is the capital of " + " ".join(names[:3]) + "?\nA: " + " ".join(w + "." for w in fam))
     lines += ["Q: Tell me the capital of X.\nA: " + s.format(country="X", city="Y") for s, _ in RESPONSE_STYLES]
+    if world.descriptors:
+        lines.append("A: Y." + tail_text(list(world.descriptors)))
+    lines.append(f"The capital of X is Y. {USAGE_WORD} confuse Y with Z.")
     return lines

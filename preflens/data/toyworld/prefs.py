@@ -10,7 +10,8 @@
       * similar: chosen = the correct head, rejected = its near-synonym (" Sure" for Yes,
         " Never" for No — both responses mean the same).
 (ii) :func:`multi_token_pairs` — ``"Q: Tell me the capital of {country}.\\nA:"`` with two graded
-    answers of different feature vectors. ``alpha`` is the exact population preference of the
+    answers of different feature vectors (style, right or wrong city and, in a version-2 world,
+    each answer's own descriptor tail drawn as in the corpus). ``alpha`` is the exact population preference of the
     world's annotators (:meth:`WorldSpec.alpha`, a mixture of Bradley–Terry models) and
     ``chosen`` is the population-preferred response (α > 0.5); ``votes`` are K labels sampled
     from annotators drawn with replacement (so the majority can disagree with α when K is small).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import random
 
 from preflens.data import PreferencePair
-from preflens.data.toyworld.world import RESPONSE_STYLES, WorldSpec, response_features, response_text
+from preflens.data.toyworld.world import RESPONSE_STYLES, WorldSpec
 from preflens.errors import ConfigError
 
 __all__ = ["YESNO_PROMPT", "GRADED_PROMPT", "single_token_pairs", "multi_token_pairs"]
@@ -65,8 +66,9 @@ def single_token_pairs(world: WorldSpec, n: int, *, seed: int = 0, similar_share
 def multi_token_pairs(world: WorldSpec, n: int, *, votes: int = 4, seed: int = 0) -> list[PreferencePair]:
     """``n`` multi-token pairs with ``votes`` sampled annotator votes and the exact α.
 
-    Each pair: one country (∝ weight), two (style, correct) draws with different feature
-    vectors; a wrong answer names another country's capital. α = mean_a σ(r_a(y_w) − r_a(y_l))
+    Each pair: one country (∝ weight), two (style, correct, descriptor tail) draws with
+    different feature vectors (:meth:`WorldSpec.answer_features`); a wrong answer names another
+    country's capital. α = mean_a σ(r_a(y_w) − r_a(y_l))
     ≥ 0.5 for the stored chosen response."""
     if n < 1:
         raise ConfigError("n", f"must be >= 1, got {n}")
@@ -77,12 +79,13 @@ def multi_token_pairs(world: WorldSpec, n: int, *, votes: int = 4, seed: int = 0
         i = _country(world, rng)
         country = world.countries[i]
         wrong = world.capitals[(i + rng.randrange(1, n_c)) % n_c]
-        (s1, c1), (s2, c2) = [(rng.randrange(n_s), rng.random() < 0.6) for _ in range(2)]
-        f1, f2 = response_features(s1, c1), response_features(s2, c2)
+        (s1, c1, t1), (s2, c2, t2) = [(rng.randrange(n_s), rng.random() < 0.6, world.sample_descriptors(rng))
+                                      for _ in range(2)]
+        f1, f2 = world.answer_features(s1, c1, t1), world.answer_features(s2, c2, t2)
         if f1 == f2:
             continue
-        y1 = " " + response_text(s1, country, world.capitals[i] if c1 else wrong)
-        y2 = " " + response_text(s2, country, world.capitals[i] if c2 else wrong)
+        y1 = " " + world.answer(s1, country, world.capitals[i] if c1 else wrong, t1)
+        y2 = " " + world.answer(s2, country, world.capitals[i] if c2 else wrong, t2)
         a = world.alpha(f1, f2)
         if a < 0.5:
             y1, y2, f1, f2, a = y2, y1, f2, f1, 1.0 - a

@@ -9,8 +9,17 @@ A :class:`WorldSpec` is drawn from one seed and saved as JSON. It holds
 * generated fictional country and city names (for in-context documents);
 * yes/no answer-token families with near-synonyms (``Yes/Sure/Yep`` and ``No/Never/Nope``),
   each with sampling probabilities used by the corpus;
-* graded free-text answer styles with a feature vector each, and a finite **annotator
-  population**: annotator ``a`` has reward ``r_a(y) = (w + δ_a) · f(y)`` with
+* graded free-text answers: an answer style (one sentence naming the city) followed by a
+  **descriptor tail** ``" It is {d1}, {d2} and {d3}."`` of ``descriptor_slots`` distinct words
+  drawn (without replacement) from ``descriptors`` with the world's corpus probabilities. Each
+  descriptor word is a reward feature of its own, and its corpus probability is drawn
+  independently of its reward, so the reference model's log-ratio between two answers
+  accumulates over several free tokens while the annotators judge them by quality (world
+  version 2; a version-1 world has no descriptors and no tail);
+* near-synonym answer words with distinct uses: the corpus also uses ``" Never"`` outside
+  yes/no answers (``"Never confuse {city} with {other}."``), so its unembedding differs from
+  ``" No"``'s while both remain "no" answers;
+* a feature vector per graded answer, and a finite **annotator population**: annotator ``a`` has reward ``r_a(y) = (w + δ_a) · f(y)`` with
   ``δ_a ~ N(0, noise² I)`` and votes by Bradley–Terry, ``P_a(y1 ≻ y2) = σ(r_a(y1) − r_a(y2))``
   (Bradley & Terry 1952; the preference model of Chen et al. 2024, "Preference Learning
   Algorithms Do Not Learn Preference Rankings", Thm 3.1). The exact population preference is
@@ -38,6 +47,10 @@ __all__ = [
     "RESPONSE_STYLES",
     "response_text",
     "response_features",
+    "DEFAULT_DESCRIPTORS",
+    "TAIL_TEMPLATE",
+    "tail_text",
+    "WORLD_VERSION",
 ]
 
 #: Response features of graded free-text answers, in the order of the reward weight vector.
@@ -53,6 +66,18 @@ RESPONSE_STYLES: tuple[tuple[str, dict[str, int]], ...] = (
     ("It is {city}, the largest city of {country}.", {"detail": 1}),
     ("Sure! It is {city}, a city with a long history.", {"polite": 1, "detail": 1}),
 )
+
+#: Descriptor words of the answer tail: (word, mean annotator reward weight, corpus log-weight).
+#: Rewards and corpus weights are unrelated by construction (the reference's preference between
+#: descriptors is not the annotators'); corpus probabilities are ``softmax(log-weight)``.
+DEFAULT_DESCRIPTORS: tuple[tuple[str, float, float], ...] = (
+    ("historic", 2.0, -1.5), ("dull", -2.0, -1.0), ("ancient", 1.2, -0.6), ("noisy", -1.2, -0.3),
+    ("coastal", 0.6, 0.1), ("plain", -0.6, 0.4), ("famous", 1.6, 0.7), ("crowded", -1.6, 1.0),
+)
+#: The tail appended to every graded answer of a version-2 world (words joined as "a, b and c").
+TAIL_TEMPLATE = " It is {words}."
+#: Version written by :func:`make_world`; a spec file without ``version`` is version 1.
+WORLD_VERSION = 2
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
            "kr", "tr", "th", "sh", "ch", "st", "qu"]
@@ -76,8 +101,37 @@ class WorldSpec:
     no_family: dict[str, float]
     reward_weights: list[float]       # population mean w, ordered as FEATURES
     annotator_noise: float
-    annotators: list[list[float]]     # per-annotator w + δ_a, shape [n_annotators, len(FEATURES)]
+    annotators: list[list[float]]     # per-annotator w + δ_a, shape [n_annotators, len(features)]
     features: list[str] = field(default_factory=lambda: list(FEATURES))
+    descriptors: dict[str, float] = field(default_factory=dict)   # tail word → corpus probability
+    descriptor_slots: int = 0
+    version: int = 1
+
+    # -- graded answers --------------------------------------------------------------------
+    def sample_descriptors(self, rng: random.Random) -> tuple[str, ...]:
+        """``descriptor_slots`` distinct tail words, drawn one after another ∝ their corpus
+        probability among the words not yet drawn (empty for a version-1 world)."""
+        pool = dict(self.descriptors)
+        out = []
+        for _ in range(min(self.descriptor_slots, len(pool))):
+            word = rng.choices(list(pool), weights=list(pool.values()))[0]
+            out.append(word)
+            del pool[word]
+        return tuple(out)
+
+    def answer(self, style: int, country: str, city: str, descriptors=()) -> str:
+        """Text of a graded answer (no leading space): the style sentence, then the tail."""
+        return response_text(style, country, city) + tail_text(descriptors)
+
+    def answer_features(self, style: int, correct: bool, descriptors=()) -> tuple[int, ...]:
+        """Feature vector ordered as ``self.features``: the style's features, then one count
+        per descriptor word of the tail (``DataError`` on a word that is not a descriptor)."""
+        counts = dict.fromkeys(self.descriptors, 0)
+        for word in descriptors:
+            if word not in counts:
+                raise DataError(f"{word!r} is not a descriptor of this world", field="descriptors")
+            counts[word] += 1
+        return response_features(style, correct) + tuple(counts.values())
 
     # -- lookups ---------------------------------------------------------------------------
     def capital_of(self, country: str) -> str:
@@ -94,7 +148,12 @@ class WorldSpec:
 
     # -- annotators ------------------------------------------------------------------------
     def rewards(self, feats: list[int] | tuple[int, ...]) -> list[float]:
-        """Per-annotator latent reward ``r_a(y) = w_a · f(y)`` of a feature vector; length A."""
+        """Per-annotator latent reward ``r_a(y) = w_a · f(y)`` of a feature vector; length A.
+        ``f`` is ordered as ``self.features`` (:meth:`answer_features`); another length is a
+        ``DataError``."""
+        if len(feats) != len(self.features):
+            raise DataError(f"feature vector has {len(feats)} entries, this world has "
+                            f"{len(self.features)} features {self.features}", field="features")
         return [sum(wi * fi for wi, fi in zip(wa, feats)) for wa in self.annotators]
 
     def alpha(self, feats1, feats2) -> float:
@@ -129,6 +188,15 @@ def response_features(style: int, correct: bool) -> tuple[int, ...]:
     return tuple(int(correct) if f == "correct" else int(extra.get(f, 0)) for f in FEATURES)
 
 
+def tail_text(descriptors) -> str:
+    """``" It is a, b and c."`` for descriptor words ``(a, b, c)``; ``""`` for none."""
+    words = list(descriptors)
+    if not words:
+        return ""
+    joined = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return TAIL_TEMPLATE.format(words=joined)
+
+
 def _names(rng: random.Random, n: int, ends: list[str], taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
@@ -148,13 +216,20 @@ def make_world(
     n_annotators: int = 100,
     annotator_noise: float = 0.7,
     countries: list[tuple[str, str]] | None = None,
+    descriptors: tuple[tuple[str, float, float], ...] = DEFAULT_DESCRIPTORS,
+    descriptor_slots: int = 3,
+    descriptor_noise: float = 0.4,
 ) -> WorldSpec:
     """Draw a world from ``seed``.
 
     ``countries`` (``[(country, capital)]``) defaults to every distinct country of
     ``capitals.csv`` with its first-listed capital. Weights: ``rank^-zipf_s`` over a seeded
     random permutation, normalised to sum 1. Reward weights ``w`` (ordered as FEATURES):
-    correct 3.0, complete 0.6, polite 0.3, hedge −0.5, detail 0.2.
+    correct 3.0, complete 0.6, polite 0.3, hedge −0.5, detail 0.2, then one weight per
+    descriptor word (``descriptors``: (word, reward, corpus log-weight)). Annotator ``a``'s
+    weights are ``w + δ_a`` with ``δ_a ~ N(0, annotator_noise²)`` on the style features and
+    ``N(0, descriptor_noise²)`` on the descriptor features. ``descriptor_slots = 0`` or no
+    descriptors gives answers without a tail.
     """
     if zipf_s <= 0:
         raise ConfigError("zipf_s", f"must be > 0, got {zipf_s}")
@@ -171,14 +246,24 @@ def make_world(
     taken = {w for s in names + caps for w in s.split()}
     fc = _names(rng, n_fictional, _COUNTRY_END, taken)
     fcity = _names(rng, n_fictional, _CITY_END, taken)
-    w = [3.0, 0.6, 0.3, -0.5, 0.2]
-    annot = [[wi + rng.gauss(0.0, annotator_noise) for wi in w] for _ in range(n_annotators)]
+    if descriptor_slots < 0 or descriptor_slots > len(descriptors):
+        raise ConfigError("descriptor_slots", f"must lie in [0, {len(descriptors)}], got {descriptor_slots}")
+    taken_desc = {d[0] for d in descriptors}
+    if len(taken_desc) != len(descriptors) or taken_desc & (taken | set(fc) | set(fcity)):
+        raise ConfigError("descriptors", "descriptor words must be distinct and not country or city names")
+    w = [3.0, 0.6, 0.3, -0.5, 0.2] + [float(r) for _, r, _ in descriptors]
+    noise = [annotator_noise] * len(FEATURES) + [descriptor_noise] * len(descriptors)
+    annot = [[wi + rng.gauss(0.0, sd) for wi, sd in zip(w, noise)] for _ in range(n_annotators)]
+    z = [math.exp(lw) for _, _, lw in descriptors]
     return WorldSpec(
         seed=seed, zipf_s=zipf_s, countries=names, capitals=caps, weights=[x / tot for x in raw],
         fictional_countries=fc, fictional_cities=fcity,
         yes_family={"Yes": 0.6, "Sure": 0.25, "Yep": 0.15},
         no_family={"No": 0.6, "Never": 0.25, "Nope": 0.15},
         reward_weights=w, annotator_noise=annotator_noise, annotators=annot,
+        features=list(FEATURES) + [d[0] for d in descriptors],
+        descriptors={d[0]: x / sum(z) for d, x in zip(descriptors, z)},
+        descriptor_slots=descriptor_slots if descriptors else 0, version=WORLD_VERSION,
     )
 
 
