@@ -9,7 +9,9 @@ Razin et al. 2024, "Unintentional Unalignment: Likelihood Displacement in DPO". 
    every step: π(y⁺), π(y⁻), the loss, the full next-token distribution. Per run: the
    peak-to-trough drop of π(y⁺), whether the loss fell monotonically (the paper's run filter),
    the tokens that gained most (log-prob), and overlap@10 between those gainers and the top-10
-   tokens by ⟨W_z, W⁺ − W⁻⟩ (Theorem 5) at initialization.
+   tokens by ⟨W_z, W⁺ − W⁻⟩ (Theorem 5) at initialization. With them, the unembedding geometry
+   of each pair (Table 13: the projection of W⁺ − W⁻ on W⁺ and the norm of its orthogonal part),
+   which says whether DPO's push can move mass to other tokens.
 2. **CHES quantiles** (paper §5): CHES of every multi-token pair under the model to be trained;
    DPO from the same initial model on each quantile window (q = 0 … 1); Δ⁺ = change of the
    subset's mean log π(y⁺) (summed, EOS included) in nats, per DPO seed and averaged. The same
@@ -47,6 +49,7 @@ from preflens.probes.displacement import (
     peak_to_trough_drop,
     top_gaining_tokens,
     unembedding_alignment_from_lm,
+    unembedding_geometry,
 )
 from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
 from preflens.scoring import response_logprobs
@@ -134,6 +137,18 @@ def single_token_run(ctx: RecipeContext, c, name: str, seed: int) -> dict:
     }
 
 
+@reads()
+def pair_geometry(ctx: RecipeContext, c) -> dict:
+    """Table-13 unembedding geometry of each single-token pair under the model before DPO."""
+    lm = ctx.shared_lm()
+    W_U = lm.model.get_output_embeddings().weight.T
+    out = {}
+    for name, (chosen, rejected) in PAIR_TYPES.items():
+        pos, neg = _single_token_ids(lm, PreferencePair("Q:", chosen, rejected), ctx.model)
+        out[name] = unembedding_geometry(W_U, pos, neg)
+    return out
+
+
 # -- step 2: CHES and baselines on quantile windows -------------------------------------------
 def _multi_pairs(ctx: RecipeContext, c) -> list:
     make = functools.partial(multi_token_pairs, toyworld_world(), c.n_multi, seed=c.data_seed)
@@ -183,9 +198,11 @@ def _quantile_rows(ctx: RecipeContext, cfg: Config, measure: str, scores: list) 
 def run(ctx: RecipeContext, cfg: Config) -> dict:
     single = [ctx.step(f"single-{name.split()[0]}-{seed}", single_token_run, cfg, name, seed)
               for name in PAIR_TYPES for seed in tqdm(cfg.seeds, desc=f"single-token DPO, {name}")]
+    geometry = ctx.step("unembedding-geometry", pair_geometry, cfg)
     scores = ctx.step("similarity-scores", similarity_scores, cfg)
     quantile_rows = {m: _quantile_rows(ctx, cfg, m, scores[m]) for m in MEASURES}
     results = _results(ctx, cfg, single, quantile_rows)
+    results["unembedding_geometry"] = geometry
     ctx.write_results(results)
     return results
 
@@ -271,6 +288,10 @@ def summary(results: dict) -> str:
             for n, s in results["single_token_summary"].items()]
     t1 += "\n\n" + format_table(rows, ["pair", "monotone runs", "mean drop", "drops > 0.1",
                                        "π(y⁺) start", "π(y⁺) end", "overlap@10"])
+    if "unembedding_geometry" in results:
+        rows = [[n, g["signed_projection"], g["orthogonal_norm"], g["norm_pos"], g["norm_neg"]]
+                for n, g in results["unembedding_geometry"].items()]
+        t1 += "\n\n" + format_table(rows, ["pair", "W⁺−W⁻ on W⁺", "⊥ part", "‖W⁺‖", "‖W⁻‖"])
     rows = [[r["q"], r["mean_ches"], r["mean_delta_logp_chosen"]] for r in results["ches_quantiles"]]
     t2 = format_table(rows, ["CHES quantile", "mean CHES", "Δ mean log π(y⁺)"])
     return f"{t1}\n\n{t2}\nSpearman(quantile, Δ⁺): CHES {results['spearman_ches_vs_delta']:.2f}; " + ", ".join(
