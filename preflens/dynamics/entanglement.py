@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from preflens.dynamics.ghost import GhostCapture, select_parameters, summed_token_logprobs
 from preflens.errors import ConfigError
-from preflens.scoring import Encoded, collate, encode_pairs, eval_mode, final_hidden, length_buckets, logit_head
+from preflens.scoring import (
+    Encoded,
+    collate,
+    concatenated_logps,
+    encode_pairs,
+    eval_mode,
+    final_hidden,
+    length_buckets,
+    logit_head,
+)
 
 __all__ = [
     "GradientStats",
@@ -36,6 +45,7 @@ __all__ = [
     "pair_gradient_norms",
     "cross_pair_gram",
     "predict_first_order",
+    "sgd_step_changes",
     "entanglement_case",
     "case_counts",
     "token_gradient_similarity",
@@ -315,6 +325,7 @@ def predict_first_order(
     ref_rejected_logps: torch.Tensor | None = None,
     u_ref_w: torch.Tensor | None = None,
     u_ref_l: torch.Tensor | None = None,
+    pairwise_normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order change of (u_w, u_l) after one plain-SGD step of size ``lr`` on ONE pair's loss.
 
@@ -324,6 +335,11 @@ def predict_first_order(
     the reference log-probs ``ref_chosen_logps``/``ref_rejected_logps`` (for losses that need
     them; ``u_ref_w``/``u_ref_l`` are deprecated aliases). Per pair (|B| = 1); for batch-mean steps
     use :func:`cross_pair_gram`. Returns two ``[n]`` float64 tensors.
+
+    ``pairwise_normalized=True``: the step of the pairwise-normalized mitigation (Yuan et al.
+    Sec. 5, as the training loop runs it: the surrogate −a_w·(u_w/n_w − u_l/n_l), norms detached),
+    so Δu_w ≈ η a_w (n_w − ip/n_l) = η a_w n_w (1 − cos) and Δu_l ≈ η a_w (ip/n_w − n_l) =
+    −η a_w n_l (1 − cos): chosen up and rejected down whenever a_w > 0 and cos < 1.
     """
     from preflens.dynamics.losses import weights
 
@@ -335,9 +351,99 @@ def predict_first_order(
     a_w, a_l = weights(loss, stats.u_w, stats.u_l, ref_chosen_logps, ref_rejected_logps,
                        stats.len_w.double(), stats.len_l.double(), **(loss_kwargs or {}))
     a_w, a_l = a_w.double(), a_l.double()
+    if pairwise_normalized:
+        return lr * a_w * (stats.norm_w - stats.inner / stats.norm_l), lr * a_w * (stats.inner / stats.norm_w - stats.norm_l)
     d_w = lr * (a_w * stats.norm_w_sq - a_l * stats.inner)
     d_l = lr * (a_w * stats.inner - a_l * stats.norm_l_sq)
     return d_w, d_l
+
+
+def sgd_step_changes(
+    lm,
+    pairs: Sequence,
+    runs: Mapping[str, tuple],
+    lrs: Sequence[float],
+    *,
+    params=None,
+    include_layernorm: bool = True,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    add_eos: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Measured (Δu_w, Δu_l) after one plain-SGD step θ0 − η∇ℓ on each pair ALONE, for every η.
+
+    The finite-difference side of Yuan et al. 2024 Eqs. 3–5 (what :func:`predict_first_order`
+    predicts to first order in η): per pair, one forward at θ0 (policy = reference, so
+    ``ref_*_logps`` = u(θ0) and M = 0) and, per run, ONE gradient of the loss from
+    :func:`preflens.dynamics.losses.compute_loss` by autograd (not from the closed-form weights);
+    each η is then one forward at θ0 − η·g. The selected parameters are restored bit for bit
+    afterwards (also on error); the model is run in eval mode (mode restored).
+
+    Args:
+        lm: a :class:`preflens.models.LM`; its plain HF module is stepped (use an fp64 model to
+            keep rounding far below the second-order remainder at small η).
+        pairs: objects with ``prompt``/``chosen``/``rejected``.
+        runs: name -> (registered loss, loss kwargs or None, pairwise_normalized). A
+            pairwise-normalized run steps along the training loop's surrogate
+            −a_w·(u_w/n_w − u_l/n_l), norms detached.
+        lrs: step sizes η > 0.
+        params, include_layernorm: the parameter selection stepped (as in
+            :func:`pair_gradient_stats`; use the same for the predictions).
+        norms: (‖g_w‖, ‖g_l‖) ``[n]`` for pairwise-normalized runs (e.g. ``stats.norm_w``,
+            ``stats.norm_l``); computed by :func:`pair_gradient_norms` when None and needed.
+        add_eos: append EOS to responses (the training loop's convention).
+
+    Returns:
+        name -> (Δu_w, Δu_l), each ``[len(lrs), n]`` float64 on CPU (SUMMED log-probs, EOS counted).
+    """
+    from preflens.dynamics.losses import compute_loss, weights
+
+    lrs = list(lrs)
+    if not lrs or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf")
+                      for x in lrs):
+        raise ConfigError("lrs", f"need one or more finite step sizes > 0, got {lrs!r}")
+    if not runs or any(not isinstance(v, (tuple, list)) or len(v) != 3 for v in runs.values()):
+        raise ConfigError("runs", "need name -> (loss, loss_kwargs, pairwise_normalized) for ≥ 1 run")
+    model = lm.model
+    enc_w, enc_l = _encode_pairs(lm, pairs, add_eos)
+    selected = list(select_parameters(model, params, include_layernorm=include_layernorm).values())
+    n, device = len(enc_w), next(model.parameters()).device
+    if norms is None and any(v[2] for v in runs.values()):
+        norms = pair_gradient_norms(model, enc_w, enc_l, pad_id=lm.pad_id, params=params,
+                                    include_layernorm=include_layernorm)
+    out = {name: torch.zeros(2, len(lrs), n, dtype=torch.float64) for name in runs}
+    theta0 = [p.detach().clone() for p in selected]
+    with eval_mode(model):
+        try:
+            for i in range(n):
+                batch = collate([enc_w[i], enc_l[i]], pad_id=lm.pad_id, device=device)
+                u = concatenated_logps(model, batch)
+                before = torch.stack([u.chosen.detach(), u.rejected.detach()])
+                args = (u.chosen, u.rejected, before[0], before[1], u.chosen_tokens, u.rejected_tokens)
+                step_grads = {}  # every run's gradient before any weight moves (the graph saved θ0)
+                for r, (name, (loss, kwargs, normalized)) in enumerate(runs.items()):
+                    ell = compute_loss(loss, *args, **(kwargs or {}))
+                    if normalized:
+                        a_w, _ = weights(loss, *(x.detach() for x in args), **(kwargs or {}))
+                        ell = -a_w * (u.chosen / float(norms[0][i]) - u.rejected / float(norms[1][i]))
+                    step_grads[name] = torch.autograd.grad(ell.sum(), selected, retain_graph=r + 1 < len(runs),
+                                                           allow_unused=True)
+                del u, args
+                for name, grads in step_grads.items():
+                    with torch.no_grad():
+                        for k, eta in enumerate(lrs):
+                            for p, t0, g in zip(selected, theta0, grads):
+                                if g is not None:
+                                    p.copy_(t0).add_(g, alpha=-eta)
+                            after = concatenated_logps(model, batch)
+                            out[name][:, k, i] = (torch.stack([after.chosen, after.rejected]) - before)[:, 0].cpu()
+                with torch.no_grad():  # θ0 back before the next pair's forward
+                    for p, t0 in zip(selected, theta0):
+                        p.copy_(t0)
+        finally:  # and on error
+            with torch.no_grad():
+                for p, t0 in zip(selected, theta0):
+                    p.copy_(t0)
+    return {name: (d[0], d[1]) for name, d in out.items()}
 
 
 def entanglement_case(delta_u_w, delta_u_l, *, a_w=None, a_l=None) -> list[str]:

@@ -9,22 +9,25 @@ Entanglement". Steps:
    setting of the paper's first-order analysis), tracking the mean summed log π(y_w) and
    log π(y_l) on the training pairs, and at a few checkpoints the per-pair gradient statistics
    (⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖², cos; ghost method) with the predicted case counts (Table 1).
-2. **First-order sign agreement**: for each loss, one plain-SGD step on each pair alone; the
-   signs of the measured Δu_w, Δu_l against those predicted from the gradient statistics and the
-   loss weights (Eqs. 3–5 generalised).
+2. **First-order sign agreement against step size**: for each loss (and the pairwise-normalized
+   step), one plain-SGD step of size η on each pair alone, for every η of a grid; the measured
+   Δu_w, Δu_l against those predicted to first order from the gradient statistics and the loss
+   weights (Eqs. 3–5 generalised): sign agreement, and the absolute and relative error, whose
+   log-log slopes against η are ≈ 2 and ≈ 1 while the step is small (O(η²) remainder).
+   ``first_order_sign_agreement`` is the row at ``sign_lr``.
 3. **Controlled token overlap** (paper §4.3): pairs whose responses differ in one token
    (" Yes" vs " No") against the same pairs with a long shared suffix, scored without EOS so
    that the one-token pairs really differ in exactly one token; cos and DPO's effect on the
    chosen log-prob for each; a token-level gradient-similarity heatmap for one suffix pair.
 
 Each loss's trajectory is a step of its own: editing one loss's settings in ``RUNS`` reruns
-that loss's trajectory and the sign-agreement step (which covers every loss), nothing else. The results JSON keeps every value the figures draw (``losses[*].history``,
+that loss's trajectory and the sign-vs-lr step (which covers every loss), nothing else. The
+results JSON keeps every value the figures draw (``losses[*].history``, ``sign_vs_lr.rows``,
 ``token_similarity``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 from dataclasses import dataclass
@@ -36,12 +39,17 @@ from tqdm.auto import tqdm
 from preflens import plotting
 from preflens.data import PreferencePair
 from preflens.data.toyworld.prefs import YESNO_PROMPT, multi_token_pairs
-from preflens.dynamics import losses as loss_registry
-from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order, token_gradient_similarity
+from preflens.dynamics.entanglement import (
+    pair_gradient_stats,
+    predict_first_order,
+    sgd_step_changes,
+    token_gradient_similarity,
+)
 from preflens.dynamics.train import train_preference
 from preflens.dynamics.trackers import EntanglementTracker
+from preflens.errors import ConfigError
 from preflens.reproduce.common import RecipeContext, format_table, reads, toyworld_world
-from preflens.scoring import concatenated_logps, encode, encode_pairs, response_logprobs
+from preflens.scoring import encode, response_logprobs
 
 PAPER = "gradient_entanglement"
 # name -> (registered loss, loss kwargs, pairwise_normalized)
@@ -66,7 +74,9 @@ class Config:
     stats_pairs: int = 32       # pairs whose gradient statistics are tracked
     stats_every: int = 8
     sign_pairs: int = 48
-    sign_lr: float = 1e-3
+    sign_lr: float = 1e-3       # the step of first_order_sign_agreement
+    sign_lrs: tuple = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # SGD steps of the sweep
+    slope_points: int = 3       # error-vs-lr slopes are fitted on this many smallest steps
     overlap_pairs: int = 48
     overlap_lr: float = 0.05
     overlap_steps: int = 30
@@ -75,8 +85,8 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(n_pairs=64, epochs=1, stats_pairs=8, stats_every=1000, sign_pairs=8,
-                   overlap_pairs=12, overlap_steps=6)
+        return cls(n_pairs=64, epochs=1, stats_pairs=8, stats_every=1000, sign_pairs=4,
+                   sign_lrs=(1e-4, 1e-2), overlap_pairs=12, overlap_steps=6)
 
 
 def _pairs(ctx: RecipeContext, c) -> list:
@@ -118,41 +128,70 @@ def trajectory(ctx: RecipeContext, c, name: str, spec: list) -> dict:
     }
 
 
-# -- step 2: first-order sign agreement -------------------------------------------------------
-def _one_step_agrees(lm, pair, loss, kwargs, lr, pred_w, pred_l) -> bool:
-    """One plain-SGD step on ``pair`` alone (policy = reference); do the measured signs of
-    Δu_w, Δu_l match the predicted ones?"""
-    model = copy.deepcopy(lm.model)
-    batch = encode_pairs(lm, [pair]).batch([0], pad_id=lm.pad_id, device=next(model.parameters()).device)
-    u = concatenated_logps(model, batch)
-    ref_w, ref_l = u.chosen.detach(), u.rejected.detach()
-    loss_registry.compute_loss(loss, u.chosen, u.rejected, ref_w, ref_l, u.chosen_tokens, u.rejected_tokens,
-                               **kwargs).sum().backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
-        after = concatenated_logps(model, batch)
-    d_w, d_l = float(after.chosen - ref_w), float(after.rejected - ref_l)
-    return bool(np.sign(d_w) == np.sign(float(pred_w)) and np.sign(d_l) == np.sign(float(pred_l)))
+# -- step 2: first-order sign agreement against step size ------------------------------------
+def first_order_agreement(measured_w, measured_l, predicted_w, predicted_l) -> dict:
+    """Measured vs first-order predicted (Δu_w, Δu_l) of one SGD step, each ``[n]`` (Yuan et al.
+    2024 Eqs. 3–5): sign agreement per response and for both (``np.sign`` equality, so 0 matches
+    only 0), ``abs_error`` = mean |measured − predicted| and ``rel_error`` = median
+    |measured − predicted| / |predicted|, both over the 2n changes (chosen and rejected pooled;
+    a prediction of exactly 0, e.g. an inactive hinge, is left out of ``rel_error``, which is
+    None when every prediction is 0)."""
+    m_w, m_l, p_w, p_l = (np.asarray(x, dtype=np.float64) for x in (measured_w, measured_l, predicted_w, predicted_l))
+    same_w, same_l = np.sign(m_w) == np.sign(p_w), np.sign(m_l) == np.sign(p_l)
+    err, pred = np.abs(np.concatenate([m_w - p_w, m_l - p_l])), np.abs(np.concatenate([p_w, p_l]))
+    rel = err[pred > 0] / pred[pred > 0]
+    return {"agree_chosen": float(same_w.mean()), "agree_rejected": float(same_l.mean()),
+            "agree_both": float((same_w & same_l).mean()), "abs_error": float(err.mean()),
+            "rel_error": float(np.median(rel)) if rel.size else None}
 
 
-@reads("n_pairs", "data_seed", "sign_pairs", "sign_lr", "gradient_method")
-def sign_agreement(ctx: RecipeContext, c, runs: dict) -> dict:
-    """Per loss in ``runs`` (name -> spec), the fraction of pairs whose one-step signs of Δu_w,
-    Δu_l match the first-order prediction from the gradient statistics (fp64 model)."""
+def loglog_slope(lrs, errors) -> float:
+    """Least-squares slope of log(error) against log(lr); a first-order prediction leaves an
+    O(η²) remainder, so ≈ 2 for the absolute and ≈ 1 for the relative error at small η."""
+    return float(np.polyfit(np.log(np.asarray(lrs, dtype=float)), np.log(np.asarray(errors, dtype=float)), 1)[0])
+
+
+def _sign_lrs(c) -> list[float]:
+    lrs = sorted({float(x) for x in c.sign_lrs} | {float(c.sign_lr)})
+    if any(not 0 < x < float("inf") for x in lrs):
+        raise ConfigError("sign_lrs", f"step sizes must be finite and > 0, got {lrs}")
+    return lrs
+
+
+@reads("n_pairs", "data_seed", "sign_pairs", "sign_lr", "sign_lrs", "gradient_method")
+def sign_vs_lr(ctx: RecipeContext, c, runs: dict) -> dict:
+    """Per run in ``runs`` (name -> spec) and step size η in ``sign_lrs`` ∪ {``sign_lr``}: one
+    plain-SGD step on each of the first ``sign_pairs`` pairs alone (fp64 model), measured
+    Δu_w, Δu_l against the first-order prediction from the gradient statistics
+    (:func:`first_order_agreement`). The statistics are computed once (they do not depend on η)
+    and each (run, pair) takes one gradient; each η is one forward at θ0 − η·g."""
+    lrs = _sign_lrs(c)
     lm = ctx.fresh_lm(dtype=torch.float64)
     sub = _pairs(ctx, c)[: c.sign_pairs]
     stats = pair_gradient_stats(lm, sub, method=c.gradient_method)
+    specs = {name: (loss, kwargs, normalized) for name, (loss, kwargs, normalized) in runs.items()}
+    measured = sgd_step_changes(lm, sub, specs, lrs, norms=(stats.norm_w, stats.norm_l))
+    rows = []
+    for name, (loss, kwargs, normalized) in specs.items():
+        for k, lr in enumerate(lrs):
+            pred_w, pred_l = predict_first_order(stats, loss, lr=lr, loss_kwargs=kwargs, pairwise_normalized=normalized,
+                                                 ref_chosen_logps=stats.u_w, ref_rejected_logps=stats.u_l)
+            m_w, m_l = measured[name]
+            rows.append({"loss": name, "lr": lr, **first_order_agreement(m_w[k], m_l[k], pred_w, pred_l)})
+    return {"lrs": lrs, "rows": rows}
+
+
+def _slopes(rows: list[dict], points: int) -> dict:
+    """Per run: log-log slopes of ``abs_error`` and ``rel_error`` against lr over its ``points``
+    smallest step sizes (the first-order regime; rows without a relative error are skipped)."""
     out = {}
-    for name, (loss, kwargs, normalized) in runs.items():
-        if normalized:
+    for name in dict.fromkeys(r["loss"] for r in rows):
+        fit = sorted((r for r in rows if r["loss"] == name and r["rel_error"] and r["abs_error"] > 0), key=lambda r: r["lr"])[:points]
+        if len(fit) < 2:
             continue
-        pred_w, pred_l = predict_first_order(stats, loss, lr=c.sign_lr, loss_kwargs=kwargs,
-                                             ref_chosen_logps=stats.u_w, ref_rejected_logps=stats.u_l)
-        agree = sum(_one_step_agrees(lm, pair, loss, kwargs, c.sign_lr, pred_w[i], pred_l[i])
-                    for i, pair in enumerate(sub))
-        out[name] = agree / len(sub)
+        lrs = [r["lr"] for r in fit]
+        out[name] = {"abs_error": loglog_slope(lrs, [r["abs_error"] for r in fit]),
+                     "rel_error": loglog_slope(lrs, [r["rel_error"] for r in fit]), "fit_lrs": lrs}
     return out
 
 
@@ -213,7 +252,7 @@ def token_heatmap(ctx: RecipeContext, c) -> dict:
 def run(ctx: RecipeContext, cfg: Config) -> dict:
     runs = {name: ctx.step(f"trajectory-{name}", trajectory, cfg, name, list(spec))
             for name, spec in tqdm(RUNS.items(), desc="loss trajectories")}
-    sign = ctx.step("sign-agreement", sign_agreement, cfg, {n: list(s) for n, s in RUNS.items()})
+    sweep = ctx.step("sign-vs-lr", sign_vs_lr, cfg, {n: list(s) for n, s in RUNS.items()})
     ov = ctx.step("overlap", overlap, cfg)
     heat = ctx.step("token-heatmap", token_heatmap, cfg)
     plain, mitigated = runs["dpo"], runs["dpo_pairwise_normalized"]
@@ -222,7 +261,11 @@ def run(ctx: RecipeContext, cfg: Config) -> dict:
     results = {
         **ctx.header(cfg),
         "losses": {n: {k: r[k] for k in keys} for n, r in runs.items()},
-        "first_order_sign_agreement": sign,
+        "first_order_sign_agreement": {r["loss"]: r["agree_both"] for r in sweep["rows"]
+                                       if r["lr"] == float(cfg.sign_lr)},
+        "sign_vs_lr": {"lrs": sweep["lrs"], "sign_lr": float(cfg.sign_lr), "trajectory_lr": cfg.lr,
+                       "trajectory_batch_size": cfg.batch_size, "rows": sweep["rows"],
+                       "slopes": _slopes(sweep["rows"], cfg.slope_points)},
         "overlap_experiment": ov,
         "normalized_mitigation": {
             "dpo_chosen_delta": plain["chosen_delta"], "dpo_rejected_delta": plain["rejected_delta"],
@@ -238,7 +281,10 @@ def run(ctx: RecipeContext, cfg: Config) -> dict:
 # -- render (from the results JSON only) ------------------------------------------------------
 def render(results: dict, ctx: RecipeContext) -> list:
     """Every figure of this recipe, drawn from ``results`` alone (no model, no training)."""
-    return [_render_trajectories(results, ctx), _render_token_similarity(results, ctx)]
+    figures = [_render_trajectories(results, ctx), _render_token_similarity(results, ctx)]
+    if "sign_vs_lr" in results:  # results written before the step-size sweep have only one step
+        figures.append(_render_sign_vs_lr(results, ctx))
+    return figures
 
 
 def _render_trajectories(results: dict, ctx: RecipeContext):
@@ -267,12 +313,63 @@ def _render_token_similarity(results: dict, ctx: RecipeContext):
     return ctx.save_figure(fig, "token_similarity", results)
 
 
+def _sweep_series(sweep: dict, key: str) -> dict[str, list]:
+    """Per run, ``key`` of its rows in lr order (None where undefined)."""
+    out: dict[str, list] = {}
+    for r in sorted(sweep["rows"], key=lambda r: r["lr"]):
+        out.setdefault(r["loss"], []).append(r[key])
+    return out
+
+
+_STYLES = ("-", "--", ":", "-.", (0, (6, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)))
+
+
+def _render_sign_vs_lr(results: dict, ctx: RecipeContext):
+    sweep = results["sign_vs_lr"]
+    agree, rel = "sign agreement (Δu_w and Δu_l)", "relative first-order error (median)"
+    panels = {agree: _sweep_series(sweep, "agree_both"),
+              rel: {n: [np.nan if v is None else v for v in ys] for n, ys in _sweep_series(sweep, "rel_error").items()}}
+    lrs = sorted(sweep["lrs"])
+    fig = plotting.line_panels(panels, x={k: lrs for k in panels}, xlabel="SGD step size η (one pair alone)",
+                               ylabels={agree: "fraction of pairs", rel: "|Δu − Δu_predicted| / |Δu_predicted|"},
+                               title="first-order predictions (Yuan et al. Eqs. 3–5) against step size",
+                               legend="none")
+    lr, batch = sweep["trajectory_lr"], sweep["trajectory_batch_size"]
+    marks = [(lr, "--", f"trajectory lr {lr:g} (batch mean of {batch})"),
+             (lr / batch, ":", "trajectory lr / batch size"),
+             (sweep["sign_lr"], "-", f"sign_lr {sweep['sign_lr']:g} (first_order_sign_agreement)")]
+    for i, ax in enumerate(fig.axes[:2]):
+        ax.set_xscale("log")
+        if i == 1:
+            ax.set_yscale("log")
+        for k, line in enumerate(ax.get_lines()):  # runs with identical rows (DPO and DPOP at M = 0) stay visible
+            line.set_linestyle(_STYLES[k % len(_STYLES)])
+        for x, style, label in marks:
+            ax.axvline(x, color="grey", lw=1, ls=style, alpha=0.7, label=label)
+    plotting.legend_outside(fig, fig.axes[0])
+    return ctx.save_figure(fig, "sign_vs_lr", results)
+
+
+def _sweep_table(results: dict) -> str:
+    sweep = results["sign_vs_lr"]
+    agree, rel = _sweep_series(sweep, "agree_both"), _sweep_series(sweep, "rel_error")
+    lrs = [f"{x:.0e}" for x in sorted(sweep["lrs"])]
+    slopes = sweep["slopes"]
+    rows = [[n, *agree[n]] for n in agree]
+    t1 = format_table(rows, ["sign agreement (both)", *lrs])
+    rows = [[n, *("–" if v is None else v for v in rel[n]),
+             *((slopes[n]["abs_error"], slopes[n]["rel_error"]) if n in slopes else ("–", "–"))] for n in rel]
+    t2 = format_table(rows, ["median relative error", *lrs, "slope |err|", "slope rel"])
+    return f"{t1}\n{t2}"
+
+
 def summary(results: dict) -> str:
     rows = [[n, r["chosen_delta"], r["rejected_delta"], r["mean_cos_start"],
              " ".join(f"{k}:{v}" for k, v in r["case_counts"].items() if v)]
             for n, r in results["losses"].items()]
     t = format_table(rows, ["run", "Δ log π(y_w)", "Δ log π(y_l)", "mean cos", "predicted cases at init"])
     ov = results["overlap_experiment"]
-    return (f"{t}\nsign agreement: " + ", ".join(f"{k} {v:.2f}" for k, v in results["first_order_sign_agreement"].items())
-            + f"\noverlap: one token cos {ov['one_token']['mean_cos']:.2f} Δchosen {ov['one_token']['chosen_delta']:.2f}; "
+    sweep = f"\n{_sweep_table(results)}" if "sign_vs_lr" in results else ""
+    return (f"{t}\nsign agreement (one SGD step, η = {results['config']['sign_lr']:g}): " + ", ".join(f"{k} {v:.2f}" for k, v in results["first_order_sign_agreement"].items())
+            + sweep + f"\noverlap: one token cos {ov['one_token']['mean_cos']:.2f} Δchosen {ov['one_token']['chosen_delta']:.2f}; "
             f"shared suffix cos {ov['shared_suffix']['mean_cos']:.2f} Δchosen {ov['shared_suffix']['chosen_delta']:.2f}")

@@ -31,8 +31,9 @@ EXPECTED = {
         "figures": ["head_attribution", "rates_by_frequency", "head_scaling"],
     },
     "gradient_entanglement": {
-        "keys": ["losses", "first_order_sign_agreement", "overlap_experiment", "normalized_mitigation"],
-        "figures": ["trajectories", "token_similarity"],
+        "keys": ["losses", "first_order_sign_agreement", "sign_vs_lr", "overlap_experiment",
+                 "normalized_mitigation"],
+        "figures": ["trajectories", "token_similarity", "sign_vs_lr"],
     },
 }
 
