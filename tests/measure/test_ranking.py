@@ -87,7 +87,7 @@ def test_cli_reproduces_the_ranking_recipe_reference(tmp_path, capsys):
     r = json.loads((tmp_path / "out" / "summary.json").read_text())["results"]
     ref = json.loads((ROOT / "results" / "ranking_accuracy.json").read_text())["reference"]
     assert r["n_pairs"] == 1000
-    assert r["ranking_accuracy"] == ref["ranking_accuracy"] == 0.823
+    assert r["ranking_accuracy"] == ref["ranking_accuracy"]
     assert r["ranking_accuracy_mean"] == ref["ranking_accuracy_mean"]
     for block in (None, "from_votes", "length_normalized"):
         mine = r["idealized"] if block is None else r["idealized"][block]
