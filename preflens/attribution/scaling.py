@@ -28,22 +28,22 @@ from preflens.attribution.recall import LABELS, generate_continuations
 from preflens.data.recall_prompts import CounterfactualPrompt
 from preflens.errors import ConfigError, ModelError
 
-__all__ = ["scale_heads", "scaling_sweep", "alpha_grid", "official_alpha_grid", "numpy_arange"]
+__all__ = ["scale_heads", "scaling_grid", "scaling_sweep", "alpha_grid", "official_alpha_grid", "numpy_arange"]
 
 log = logging.getLogger(__name__)
 
 HeadScales = Mapping[tuple[int, int], float] | Iterable[tuple[int, int, float]]
 
 
-def _normalise(bridge, scales: HeadScales) -> dict[int, dict[int, float]]:
+def _normalise(bridge, scales: HeadScales, param: str = "scales") -> dict[int, dict[int, float]]:
     items = scales.items() if isinstance(scales, Mapping) else (((l, h), a) for l, h, a in scales)
     L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     per_layer: dict[int, dict[int, float]] = {}
     for (layer, head), alpha in items:
         if not (isinstance(layer, int) and isinstance(head, int) and 0 <= layer < L and 0 <= head < H):
-            raise ConfigError("scales", f"head ({layer}, {head}) outside {L} layers x {H} heads")
+            raise ConfigError(param, f"head ({layer}, {head}) outside {L} layers x {H} heads")
         if not math.isfinite(float(alpha)):
-            raise ConfigError("scales", f"alpha for ({layer}, {head}) must be finite, got {alpha}")
+            raise ConfigError(param, f"alpha for ({layer}, {head}) must be finite, got {alpha}")
         per_layer.setdefault(layer, {})[head] = float(alpha)
     return per_layer
 
@@ -131,6 +131,50 @@ def official_alpha_grid(head_kind: str) -> list[float]:
     return numpy_arange(*OFFICIAL_ALPHA_GRIDS[head_kind])
 
 
+def scaling_grid(
+    lm,
+    prompts: Sequence[CounterfactualPrompt],
+    settings: Sequence[HeadScales],
+    *,
+    bridge=None,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    keep_degenerate: bool = False,
+) -> list[dict]:
+    """Label rates of greedy generation under each head-scaling setting (Yu et al. 2023, Sec. 6).
+
+    Each setting is what :func:`scale_heads` takes -- ``{(layer, head): alpha}`` or an iterable
+    of ``(layer, head, alpha)`` -- so one setting may scale several heads by different alphas
+    (``{}`` is the unscaled baseline). For each setting, in the given order:
+    :func:`~preflens.attribution.recall.generate_continuations` under the hooks. Every setting
+    is checked (heads inside ``bridge.cfg``, finite alphas) before anything is generated. The
+    compatibility-mode bridge is built once (``lm.bridge(compat=True)``) unless ``bridge`` is
+    given. Degenerate prompts are left out unless ``keep_degenerate``.
+
+    Returns:
+        one dict per setting: ``{"scales": [[layer, head, alpha], ...] (sorted by layer, head),
+        "n", "memorized", "in_context", "neither"}`` (rates in [0, 1], denominator ``n``) plus
+        ``"counts"`` (label -> count).
+    """
+    use = [p for p in prompts if keep_degenerate or not p.degenerate]
+    if not use:
+        raise ConfigError("prompts", "no prompts left (all degenerate)")
+    from preflens.attribution.heads import resolve_bridge
+
+    bridge = resolve_bridge(lm, bridge=bridge, require_compat=False)
+    checked = [_normalise(bridge, s, f"settings[{i}]") for i, s in enumerate(settings)]
+    rows = []
+    for per_layer in checked:
+        scales = {(l, h): a for l, heads in per_layer.items() for h, a in heads.items()}
+        with scale_heads(bridge=bridge, scales=scales):
+            conts = generate_continuations(bridge, use, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)
+        counts = {lab: sum(c.label == lab for c in conts) for lab in LABELS}
+        rows.append({"scales": [[l, h, a] for (l, h), a in sorted(scales.items())], "n": len(use),
+                     **{lab: counts[lab] / len(use) for lab in LABELS}, "counts": counts})
+    return rows
+
+
 def scaling_sweep(
     lm,
     prompts: Sequence[CounterfactualPrompt],
@@ -144,28 +188,16 @@ def scaling_sweep(
 ) -> list[dict]:
     """Label rates of greedy generation per alpha (Yu et al. 2023, Sec. 6).
 
-    For each alpha: :func:`scale_heads` with ``{head: alpha}`` (several heads share the alpha),
-    then :func:`~preflens.attribution.recall.generate_continuations` under the hook. The
-    compatibility-mode bridge is built once (``lm.bridge(compat=True)``) unless ``bridge`` is
-    given. Degenerate prompts are left out unless ``keep_degenerate``.
+    :func:`scaling_grid` with one setting ``{head: alpha}`` per alpha (several heads share the
+    alpha); arguments as there.
 
     Returns:
         one dict per alpha, in the given order: ``{"alpha", "n", "memorized", "in_context",
         "neither"}`` (rates in [0, 1]) plus ``"counts"`` (label -> count).
     """
     heads = [tuple(head)] if isinstance(head[0], int) else [tuple(h) for h in head]
-    use = [p for p in prompts if keep_degenerate or not p.degenerate]
-    if not use:
-        raise ConfigError("prompts", "no prompts left (all degenerate)")
-    from preflens.attribution.heads import resolve_bridge
-
-    bridge = resolve_bridge(lm, bridge=bridge, require_compat=False)
-    rows = []
-    for alpha in alphas:
-        with scale_heads(bridge=bridge, scales={h: float(alpha) for h in heads}):
-            conts = generate_continuations(bridge, use, max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size)
-        counts = {lab: sum(c.label == lab for c in conts) for lab in LABELS}
-        rows.append({"alpha": float(alpha), "n": len(use),
-                     **{lab: counts[lab] / len(use) for lab in LABELS}, "counts": counts})
-    return rows
+    rows = scaling_grid(lm, prompts, [{h: float(a) for h in heads} for a in alphas], bridge=bridge,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        keep_degenerate=keep_degenerate)
+    return [{"alpha": float(a), **{k: v for k, v in r.items() if k != "scales"}}
+            for a, r in zip(alphas, rows)]
