@@ -21,7 +21,7 @@ DATA = Path(__file__).parent / "data"
 FIGURES = {
     "likelihood_displacement": ["ches_quantiles", "single_token_dissimilar", "single_token_similar"],
     "ranking_accuracy": ["dpo_loss_vs_c", "observed_vs_idealized", "ranking_accuracy_during_dpo"],
-    "factual_recall": ["head_attribution", "head_scaling", "rates_by_frequency"],
+    "factual_recall": ["dla_vs_causal", "head_attribution", "head_scaling", "rates_by_frequency"],
     "gradient_entanglement": ["sign_vs_lr", "token_similarity", "trajectories"],
 }
 

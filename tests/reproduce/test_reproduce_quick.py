@@ -26,9 +26,9 @@ EXPECTED = {
         "figures": ["ranking_accuracy_during_dpo", "observed_vs_idealized", "dpo_loss_vs_c"],
     },
     "factual_recall": {
-        "keys": ["rates", "by_decile", "memory_heads", "in_context_heads", "scaling"],
+        "keys": ["rates", "by_decile", "memory_heads", "in_context_heads", "scaling", "selection", "sweeps"],
         "scaling": ["head", "alpha", "baseline_in_context_rate", "in_context_rate"],
-        "figures": ["head_attribution", "rates_by_frequency", "head_scaling"],
+        "figures": ["head_attribution", "rates_by_frequency", "head_scaling", "dla_vs_causal"],
     },
     "gradient_entanglement": {
         "keys": ["losses", "first_order_sign_agreement", "sign_vs_lr", "overlap_experiment",
