@@ -275,7 +275,9 @@ def _rates_block(ctx: RecipeContext, cfg: Config, labels: list[str]) -> dict:
 # -- render (from the results JSON only) ------------------------------------------------------
 def render(results: dict, ctx: RecipeContext) -> list:
     """Every figure of this recipe, drawn from ``results`` alone (no model, no generation)."""
-    paths = [_render_attribution(results, ctx), _render_scaling(results, ctx), _render_dla_vs_causal(results, ctx)]
+    paths = [_render_attribution(results, ctx)]
+    if "selection" in results:  # results written before the every-head search have neither
+        paths += [_render_scaling(results, ctx), _render_dla_vs_causal(results, ctx)]
     if results["by_decile"]:
         paths.append(_render_by_frequency(results, ctx))
     return paths
