@@ -14,10 +14,14 @@ process; GPU: ``torch.cuda.max_memory_allocated`` from model load on), MFU on GP
 989 = H100 SXM bf16 dense), end-to-end seconds (trainer construction + training, including the
 reference pass) and the step-1 loss (both must be ln 2).
 
+``--head-precision fp32,bf16`` runs preflens once per listed unembedding precision
+(``TrainConfig.head_precision``; rows ``preflens`` = fp32 head, ``preflens-bf16-head``), each
+against the same TRL run, side by side.
+
     python benchmarks/bench_dpo.py                                   # CPU, tiny-random
     python benchmarks/bench_dpo.py --device cuda --model llama-1b-random --precision bf16   # random Llama-3.2-1B shapes
     python benchmarks/bench_dpo.py --device cuda --model gpt2-small-random --precision bf16 \\
-        --pairs 32 --seq 512 --json-out bench_gpu.json                 # the GPU configuration
+        --pairs 32 --seq 512 --head-precision fp32,bf16 --json-out bench_gpu.json   # the GPU configuration
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ def worker(args) -> dict:
         res = train_preference(
             lm, [PreferencePair(**d) for d in raw], loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="adamw",
             lr=args.lr, steps=n_steps, batch_size=args.pairs, precision=args.precision, compile=args.compile,
+            head_precision=args.head_precision,
             seed=0, out_dir=work / "run", resume=False, max_grad_norm=1.0, device=device, callbacks=[Clock()],
         )
         _sync(device)
@@ -173,14 +178,21 @@ def worker(args) -> dict:
     steady = (times[-1] - times[args.warmup - 1]) / args.steps  # steps after the warm-up ones
     pairs_s = args.pairs / steady
     out = {
-        "impl": args.worker, "steps_timed": args.steps, "s_per_step": steady, "pairs_per_s": pairs_s,
+        "impl": _impl_name(args.worker, args.head_precision), "steps_timed": args.steps, "s_per_step": steady, "pairs_per_s": pairs_s,
         "tokens_per_s": pairs_s * tokens_per_pair, "tokens_per_pair": tokens_per_pair, "peak_mem_bytes": peak,
         "mem_kind": kind, "end_to_end_s": end_to_end, "step1_loss": step1_loss, "n_params": n_params,
     }
+    if args.worker == "preflens":
+        out["head_precision"] = args.head_precision
     if device.startswith("cuda"):
         out["mfu"] = 6 * n_params * out["tokens_per_s"] / (args.peak_tflops * 1e12)
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def _impl_name(worker: str, head_precision: str) -> str:
+    """``preflens`` (fp32 head), ``preflens-bf16-head``, ``trl``."""
+    return worker if worker == "trl" or head_precision == "fp32" else f"{worker}-{head_precision}-head"
 
 
 def describe_machine(device: str) -> str:
@@ -214,6 +226,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile in both")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak FLOP/s for MFU (TFLOP/s)")
+    ap.add_argument("--head-precision", default="fp32", metavar="P[,P]",
+                    help="preflens' unembedding GEMM precision(s), comma-separated: fp32 (default), bf16 or "
+                         "fp32,bf16 (one preflens run each)")
     ap.add_argument("--impl", default="both", choices=("both", *IMPLS))
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -221,23 +236,30 @@ def main() -> None:
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
+    heads = [h.strip() for h in args.head_precision.split(",") if h.strip()]
+    if not heads or any(h not in ("fp32", "bf16") for h in heads) or len(set(heads)) < len(heads):
+        ap.error(f"--head-precision: expected fp32, bf16 or fp32,bf16, got {args.head_precision!r}")
     if args.worker:
         Path(args.result_file).write_text(json.dumps(worker(args)))
         return
 
     results, failed = {}, {}
-    for impl in IMPLS if args.impl == "both" else (args.impl,):
+    runs = [(impl, head) for impl in (IMPLS if args.impl == "both" else (args.impl,))
+            for head in (heads if impl == "preflens" else heads[:1])]
+    for impl, head in runs:
+        name = _impl_name(impl, head)
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             result_file = fh.name
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", impl, "--result-file", result_file]
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--head-precision", head, "--worker", impl,
+               "--result-file", result_file]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:  # report and go on: the other implementation's numbers still count
             print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
-            print(f"!! {impl} worker failed (exit {proc.returncode})", file=sys.stderr)
-            failed[impl] = proc.stderr[-2000:]
+            print(f"!! {name} worker failed (exit {proc.returncode})", file=sys.stderr)
+            failed[name] = proc.stderr[-2000:]
         else:
-            results[impl] = json.loads(Path(result_file).read_text())
+            results[name] = json.loads(Path(result_file).read_text())
         os.unlink(result_file)
     if not results:
         raise SystemExit("every worker failed")
@@ -259,12 +281,15 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     summary = {"config": vars(args), "machine": describe_machine(args.device), "results": results,
                "failed": failed}
-    if len(results) == 2:
-        p, t = results["preflens"], results["trl"]
-        summary["throughput_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
-        summary["memory_ratio"] = p["peak_mem_bytes"] / t["peak_mem_bytes"]
-        print(f"preflens / TRL: throughput {summary['throughput_ratio']:.2f}x, peak memory "
-              f"{summary['memory_ratio']:.2f}x ({p['mem_kind']})")
+    t = results.get("trl")
+    for name, p in results.items():
+        if name == "trl" or t is None:
+            continue
+        suffix = "" if name == "preflens" else "_" + name.removeprefix("preflens-").replace("-", "_")
+        summary["throughput_ratio" + suffix] = p["pairs_per_s"] / t["pairs_per_s"]
+        summary["memory_ratio" + suffix] = p["peak_mem_bytes"] / t["peak_mem_bytes"]
+        print(f"{name} / TRL: throughput {summary['throughput_ratio' + suffix]:.2f}x, peak memory "
+              f"{summary['memory_ratio' + suffix]:.2f}x ({p['mem_kind']})")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
 

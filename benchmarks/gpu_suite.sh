@@ -5,7 +5,8 @@
 #   OUT=/tmp/suite bash benchmarks/gpu_suite.sh --dry-run  # same rows, tiny configs, on a CPU
 #
 # Rows (each under its own `timeout`, so one hung or slow row cannot eat the others' time):
-#   dpo_gpt2    bench_dpo.py   preflens vs TRL DPOTrainer, gpt2-small-random, 32 pairs x 512, bf16, MFU
+#   dpo_gpt2    bench_dpo.py   preflens (fp32 head, and --head-precision bf16) vs TRL DPOTrainer side by
+#                              side, gpt2-small-random, 32 pairs x 512, bf16, MFU
 #   dpo_llama1b bench_dpo.py   preflens vs TRL, random Llama-3.2-1B shapes, 8 pairs x 512, bf16
 #   ghost       bench_entanglement.py  ghost vs exact per-pair gradient inner products, 64 pairs x 256
 #   scoring     bench_scoring.py       batched vs per-example response scoring, 256 pairs
@@ -38,7 +39,7 @@ row() {  # row NAME LIMIT_SECONDS COMMAND...  (the command writes $OUT/rows/NAME
 if [ "$DRY" = 1 ]; then
   DEV="--device cpu"
   row dpo_gpt2 300 $PY "$B/bench_dpo.py" $DEV --model tiny-random --pairs 4 --seq 64 --steps 2 --warmup 1 \
-      --threads 1 --json-out "$OUT/rows/dpo_gpt2.json"
+      --threads 1 --head-precision fp32,bf16 --json-out "$OUT/rows/dpo_gpt2.json"
   row dpo_llama1b 300 $PY "$B/bench_dpo.py" $DEV --model llama-tiny-random --pairs 4 --seq 64 --steps 2 \
       --warmup 1 --threads 1 --json-out "$OUT/rows/dpo_llama1b.json"
   row ghost 300 $PY "$B/bench_entanglement.py" $DEV --model tiny-random --pairs 2 --tokens 32 \
@@ -48,8 +49,8 @@ if [ "$DRY" = 1 ]; then
   row memory 300 $PY "$B/bench_memory.py" --dry-run --timeout 120 --json-out "$OUT/rows/memory.json"
 else
   DEV="--device cuda"
-  row dpo_gpt2 100 $PY "$B/bench_dpo.py" $DEV --model gpt2-small-random --precision bf16 --pairs 32 --seq 512 \
-      --steps 10 --warmup 3 --peak-tflops 989 --json-out "$OUT/rows/dpo_gpt2.json"
+  row dpo_gpt2 135 $PY "$B/bench_dpo.py" $DEV --model gpt2-small-random --precision bf16 --pairs 32 --seq 512 \
+      --steps 10 --warmup 3 --peak-tflops 989 --head-precision fp32,bf16 --json-out "$OUT/rows/dpo_gpt2.json"
   row dpo_llama1b 130 $PY "$B/bench_dpo.py" $DEV --model llama-1b-random --precision bf16 --pairs 8 --seq 512 \
       --steps 5 --warmup 2 --peak-tflops 989 --json-out "$OUT/rows/dpo_llama1b.json"
   row ghost 80 $PY "$B/bench_entanglement.py" $DEV --pairs 64 --tokens 256 --methods ghost,exact \

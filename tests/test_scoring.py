@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from preflens.errors import ScoringError
 from preflens.scoring import (
@@ -184,3 +185,109 @@ def test_encode_pairs_names_the_file_line_or_the_pair(tiny):
     assert (exc.value.file, exc.value.line, exc.value.field, exc.value.pair_index) == ("data.jsonl", 7, "rejected", 1)
     with pytest.raises(DataError, match=r"exceed the context .*\[eval pair 0\]"):
         encode_pairs(tiny, [PreferencePair("Q", " a", " b" * 400)], split="eval")
+
+
+# ----------------------------------------------------------------------------- head precision
+# bf16 head: h and W (and, backward, the logit gradient δ) are rounded to bf16 for the GEMMs, which
+# accumulate and return fp32. Rounding to bf16 (8 significant bits) changes a value by a factor
+# (1 + η), |η| ≤ u = 2⁻⁸, so a product h_k W_vk by at most (2u + u²)|h_k W_vk| and a logit by at
+# most δ = scale · (2u + u² + 2dε) Σ_k |h_k W_vk| over the hidden size d (ε = 2⁻²⁴: the fp32
+# accumulation of either GEMM). A log-prob z_y − lse(z) moves by at most 2δ.
+U, EPS32 = 2.0 ** -8, 2.0 ** -24
+
+
+def head_logit_bound(h: torch.Tensor, w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``[N]`` the bound δ above on max_v |Δ logit_v| of each row of ``h`` (float64)."""
+    s = h.double().abs() @ w.double().abs().T
+    return scale * (2 * U + U * U + 2 * h.shape[1] * EPS32) * s.max(1).values
+
+
+def old_fused_head(h, w, b, t, chunk, grad_out):
+    """The fused head as it was before ``head_precision`` existed (fp32 path), forward and
+    backward written out: ``(log-probs, ∂h, ∂W, ∂b)``; the fp32 path must equal it bit for bit."""
+    w32, b32 = w.float(), (b.float() if b is not None else None)
+    lse, tgt = torch.empty(h.shape[0]), torch.empty(h.shape[0])
+    gh, gw = torch.empty_like(h), torch.zeros_like(w32)
+    gb = torch.zeros_like(b32) if b is not None else None
+    for s in range(0, h.shape[0], chunk):
+        logits = F.linear(h[s:s + chunk].float(), w32, b32)
+        lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+        tgt[s:s + chunk] = logits.gather(1, t[s:s + chunk, None]).squeeze(1)
+    for s in range(0, h.shape[0], chunk):
+        h_c = h[s:s + chunk].float()
+        z = F.linear(h_c, w32, b32)
+        d = torch.exp(z - lse[s:s + chunk, None]).mul_(-grad_out[s:s + chunk, None])
+        d.scatter_add_(1, t[s:s + chunk, None], grad_out[s:s + chunk, None].float())
+        gh[s:s + chunk] = (d @ w32).to(h.dtype)
+        gw.addmm_(d.t(), h_c)
+        if gb is not None:
+            gb += d.sum(0)
+    return tgt - lse, gh, gw, gb
+
+
+def _head_grads(h, w, b, t, g, precision, chunk=7):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+    lp = target_logprobs(*leaves, t, chunk_size=chunk, head_precision=precision)
+    (lp * g).sum().backward()
+    return lp.detach(), [x.grad for x in leaves]
+
+
+def _random_head(d=32, v=320, n=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = 2 * torch.randn(n, d, generator=gen)
+    w = 3 * torch.randn(v, d, generator=gen) / d ** 0.5
+    return h, w, torch.randn(v, generator=gen), torch.randint(0, v, (n,), generator=gen), torch.randn(n, generator=gen)
+
+
+def test_fp32_head_is_the_previous_fused_head_bit_for_bit():
+    h, w, b, t, g = _random_head()
+    lp, grads = _head_grads(h, w, b, t, g, "fp32")
+    for got, want in zip([lp, *grads], old_fused_head(h, w, b, t, 7, g)):
+        assert torch.equal(got, want)
+
+
+def test_bf16_head_error_is_within_the_bf16_bound_and_not_zero():
+    h, w, b, t, _ = _random_head()
+    err = (target_logprobs(h, w, b, t, head_precision="bf16") - target_logprobs(h, w, b, t)).abs().double()
+    bound = 2 * head_logit_bound(h, w)
+    assert (err <= bound).all()
+    assert err.max() > bound.max() / 100  # the bf16 path really rounds (measured: ~1/11 of the bound)
+
+
+def test_bf16_head_keeps_logits_fp32():
+    """Operands already bf16-exact: only fp32 accumulation order may differ, so a head that rounded
+    the logits themselves to bf16 (≈ |z|·2⁻⁹ each, as TRL's does) would fail by orders of magnitude."""
+    h, w, b, t, _ = _random_head()
+    h, w = h.bfloat16().float(), w.bfloat16().float()
+    lp32 = target_logprobs(h, w, b, t)
+    lp16 = target_logprobs(h, w, b, t, head_precision="bf16")
+    assert torch.allclose(lp16, lp32, rtol=0, atol=1e-5) and not torch.equal(lp16.bfloat16().float(), lp16)
+
+
+def test_bf16_head_gradients_are_within_the_bf16_bound():
+    """∂ = Σ_t δ_t ⊗ x_t with δ_tv = g_t(1[v=y_t] − p_tv): p moves by a factor e^{±2δ_t} (logit
+    bound above), and δ and x are each rounded once (1 + u)², so every element moves by at most
+    Σ_t c_t M_tv |x_t|, M_tv = |g_t|(p_tv + 1[v=y_t]), c_t = (1 + e^{2δ_t} − 1)(1 + u)² − 1 (+ fp32
+    accumulation)."""
+    h, w, b, t, g = _random_head()
+    _, grads32 = _head_grads(h, w, b, t, g, "fp32")
+    _, grads16 = _head_grads(h, w, b, t, g, "bf16")
+    assert all(x.dtype == torch.float32 for x in grads16)  # fp32 master weights get fp32 gradients
+    with torch.no_grad():
+        p = torch.softmax((h @ w.T + b).double(), -1)
+        m = g.double().abs()[:, None] * (p + F.one_hot(t, w.shape[0]).double())
+        c = torch.expm1(2 * head_logit_bound(h, w)).add(1) * (1 + U) ** 2 - 1 + 2 * sum(w.shape) * EPS32
+        bounds = (c[:, None] * m @ w.double().abs(), (c[:, None] * m).T @ h.double().abs(), (c[:, None] * m).sum(0))
+    for name, a, e, bound in zip("hWb", grads32, grads16, bounds):
+        diff = (a.double() - e.double()).abs()
+        assert (diff <= bound).all(), name
+        assert diff.max() > 0, name
+
+
+def test_head_precision_unknown_value_is_a_config_error():
+    from preflens.errors import ConfigError
+
+    h, w, b, t, _ = _random_head()
+    with pytest.raises(ConfigError) as exc:
+        target_logprobs(h, w, b, t, head_precision="fp16")
+    assert exc.value.option == "head_precision" and sorted(exc.value.allowed) == ["bf16", "fp32"]

@@ -131,6 +131,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adamw", help="adamw (default), sgd or rmsprop")
     p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm")
     p.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 (autocast)")
+    p.add_argument("--head-precision", default="fp32",
+                   help="unembedding GEMMs: fp32 (default) or bf16 (bf16 operands, fp32 accumulation, fp32 "
+                        "logits and log-softmax; faster on a GPU at large vocabularies, emulated on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -177,7 +180,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 CONFIG_FLAGS = {
     "loss": "--loss", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
     "warmup_steps": "--warmup-steps", "steps": "--steps", "epochs": "--epochs", "batch_size": "--batch-size",
-    "grad_accum": "--grad-accum", "precision": "--precision", "seed": "--seed", "max_grad_norm": "--max-grad-norm",
+    "grad_accum": "--grad-accum", "precision": "--precision", "head_precision": "--head-precision",
+    "seed": "--seed", "max_grad_norm": "--max-grad-norm",
     "pairwise_normalized": "--pairwise-normalized", "eval_every": "--eval-every",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "device": "--device", "compile": "--compile",
     "shard": "--shard", "activation_checkpointing": "--activation-checkpointing", "lora_r": "--lora-r",

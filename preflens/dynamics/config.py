@@ -21,8 +21,9 @@ import torch
 
 from preflens.dynamics import losses
 from preflens.errors import ConfigError
+from preflens.scoring import HEAD_PRECISIONS
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "SCHEDULES", "SHARDS", "lr_at"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "HEAD_PRECISIONS", "SCHEDULES", "SHARDS", "lr_at"]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
 PRECISIONS = ("fp32", "bf16")
@@ -33,6 +34,8 @@ RUN_OPTIONS = ("steps", "epochs", "eval_every", "checkpoint_every", "keep_checkp
                "device", "compile", "ref_cache_dir", "shard", "activation_checkpointing")
 SHARDS = ("ddp", "fsdp")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets")
+# Record fields added after runs were saved, with the value a saved record without them computed.
+RECORD_DEFAULTS = {"head_precision": "fp32"}
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str | None,
@@ -75,6 +78,13 @@ class TrainConfig:
         optimizer: "adamw" (weight decay 0 unless in ``optimizer_kwargs``; fused on CUDA),
             "sgd", "rmsprop" (torch defaults). ``max_grad_norm`` clips (None: no clipping).
         precision: "fp32" or "bf16" (autocast forward, fp32 master weights and log-probs).
+        head_precision: the unembedding GEMMs: "fp32" (default; TF32 on CUDA under bf16
+            ``precision``) or "bf16": hidden states, unembedding weights and the logit gradient
+            rounded to bf16 for the GEMMs, which accumulate and return fp32, so logits, log-softmax
+            and the weight gradient stay fp32 (:func:`preflens.scoring.target_logprobs`). At
+            GPT-2's V = 50k these GEMMs dominate a bf16 step on a GPU; on a CPU "bf16" is emulated
+            (same numbers, no faster). TRL 1.16 under bf16 autocast rounds the logits themselves
+            to bf16. Reference and eval log-probs are scored at the same head precision.
         seed: the data order and torch's RNG. ``add_eos=False`` scores responses without EOS.
         pairwise_normalized: optimize −a_w·(u_w/n_w − u_l/n_l), n = detached per-pair gradient
             norms (Yuan et al. 2024, pairwise-normalized gradient descent); ``loss`` is still logged.
@@ -104,6 +114,7 @@ class TrainConfig:
     batch_size: int | None = None
     grad_accum: int = 1
     precision: str = "fp32"
+    head_precision: str = "fp32"
     seed: int | None = None
     max_grad_norm: float | None = None
     pairwise_normalized: bool = False
@@ -159,7 +170,7 @@ class TrainConfig:
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
+        for name, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("head_precision", HEAD_PRECISIONS),
                               ("schedule", (None, *SCHEDULES)), ("shard", SHARDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"unknown value {getattr(self, name)!r}",

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load, save
 
 from preflens.data.io import atomic_write_bytes
-from preflens.scoring import EncodedPairs, concatenated_logps, eval_mode, length_buckets, precision_context
+from preflens.scoring import (EncodedPairs, check_head_precision, concatenated_logps, eval_mode, length_buckets,
+                              precision_context)
 
 __all__ = ["weights_digest", "data_digest", "cache_key", "pair_logprobs", "reference_logprobs"]
 
@@ -72,6 +73,7 @@ def pair_logprobs(
     pad_id: int,
     device: torch.device,
     precision: str = "fp32",
+    head_precision: str = "fp32",
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u_w [n], u_l [n])`` float64 summed log-probs (EOS counted), no grad, eval mode.
@@ -82,7 +84,10 @@ def pair_logprobs(
     policy and reference agree bit for bit. Default: length buckets of ``batch_size``. Each
     batch is one forward of its chosen rows, then its rejected rows
     (:func:`preflens.scoring.concatenated_logps`). The model's train/eval mode is restored.
+    ``precision``: the forward (:func:`preflens.scoring.precision_context`); ``head_precision``:
+    the unembedding GEMMs, "fp32" or "bf16" (:func:`preflens.scoring.target_logprobs`).
     """
+    check_head_precision(head_precision)
     n = len(pairs)
     u_w = torch.zeros(n, dtype=torch.float64)
     u_l = torch.zeros(n, dtype=torch.float64)
@@ -90,7 +95,8 @@ def pair_logprobs(
         batches = length_buckets(pairs.lengths, batch_size)
     with torch.no_grad(), eval_mode(model), precision_context(device, precision):
         for idx in batches:
-            got = concatenated_logps(model, pairs.batch(idx, pad_id=pad_id, device=device))
+            got = concatenated_logps(model, pairs.batch(idx, pad_id=pad_id, device=device),
+                                     head_precision=head_precision)
             u_w[list(idx)], u_l[list(idx)] = got.chosen.cpu(), got.rejected.cpu()
     return u_w, u_l
 
@@ -103,6 +109,7 @@ def reference_logprobs(
     pad_id: int,
     device: torch.device,
     precision: str = "fp32",
+    head_precision: str = "fp32",
     batch_size: int = 16,
     cache_dir: str | Path | None = None,
     compute: bool = True,
@@ -120,6 +127,8 @@ def reference_logprobs(
     if cache_dir is not None:
         settings = {"precision": precision, "pad_id": pad_id, "version": 2,
                     "batches": [list(map(int, b)) for b in batches]}
+        if head_precision != "fp32":  # fp32: the key of caches written before the option existed
+            settings["head_precision"] = head_precision
         path = Path(cache_dir) / f"{cache_key(model, pairs, settings)}.safetensors"
         if path.is_file():
             try:
@@ -131,7 +140,8 @@ def reference_logprobs(
                 log.warning("ignoring unreadable reference cache %s: %s", path, exc)
     if not compute:
         return None
-    u_w, u_l = pair_logprobs(model, pairs, batches=batches, pad_id=pad_id, device=device, precision=precision)
+    u_w, u_l = pair_logprobs(model, pairs, batches=batches, pad_id=pad_id, device=device, precision=precision,
+                             head_precision=head_precision)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save({"u_ref_w": u_w, "u_ref_l": u_l}))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from preflens.data.io import atomic_write_text
 from preflens.dynamics.checkpoint import list_checkpoints, save_checkpoint, truncate_metrics
+from preflens.dynamics.config import RECORD_DEFAULTS
 from preflens.errors import ConfigError, TrainingError
 
 try:
@@ -86,7 +87,7 @@ class RunDir:
         except (OSError, ValueError) as exc:
             raise TrainingError(f"cannot resume: {path} is unreadable ({exc}); pass resume=False to start "
                                 "over") from None
-        diff = [k for k in record if saved.get(k) != record[k]]
+        diff = [k for k in record if saved.get(k, RECORD_DEFAULTS.get(k)) != record[k]]
         if diff:
             raise ConfigError("resume", f"{self.out_dir} holds a run with different {', '.join(diff)}; pass "
                               "resume=False to start over")

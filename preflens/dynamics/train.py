@@ -16,7 +16,9 @@ run directory, reference log-probs, optimizer, resume) and :func:`_loop` runs it
    checkpoint stays good; then ``optimizer.step()``; then callbacks, metrics line, checkpoint.
 
 Conventions: dropout is off (the policy runs in eval mode, as TRL's ``disable_dropout=True``);
-``bf16`` = autocast for the forward, fp32 master weights, fp32 log-probs; the reference defaults
+``bf16`` = autocast for the forward, fp32 master weights, fp32 log-probs; ``head_precision="bf16"``
+rounds the unembedding GEMMs' operands to bf16 (fp32 accumulation, fp32 logits and log-softmax;
+:func:`preflens.scoring.target_logprobs`) in training, reference and eval alike; the reference defaults
 to the initial policy, scored once before training in the batches of the first epoch
 (:mod:`.refcache`), so at step 0 policy and reference agree bit for bit. The learning rate
 follows transformers' schedules (:func:`preflens.dynamics.config.lr_at`: the first warm-up
@@ -194,7 +196,7 @@ def reference_logps(ref_model, data: TrainData, cfg: TrainConfig, env: DistEnv, 
         geometry["eval"] = (data.eval, [b for r in range(world) for b in eval_batches(data.eval.lengths, r, world)])
     for split, (pairs, batches) in geometry.items():
         kw = dict(batches=batches, pad_id=data.pad_id, device=device, precision=cfg.precision,
-                  cache_dir=cache_dir)
+                  head_precision=cfg.head_precision, cache_dir=cache_dir)
         got = reference_logprobs(ref_model, pairs, **kw, compute=env.is_main)
         barrier(env)
         out[split] = got or reference_logprobs(ref_model, pairs, **kw)
@@ -309,7 +311,7 @@ def train_step(model, policy, params, data: TrainData, refs: dict, idx: list[int
         ref, kw = _refs(refs, "train", mine, env.device), data.loss_kwargs(cfg, "train", mine)
         with no_sync(model, sync=m == len(shards) - 1):
             with autocast_for(env.device, cfg.precision):
-                lp = concatenated_logps(model, batch)
+                lp = concatenated_logps(model, batch, head_precision=cfg.head_precision)
             args = (lp.chosen, lp.rejected, *(ref or (None, None)), lp.chosen_tokens, lp.rejected_tokens)
             loss = losses.compute_loss(cfg.loss, *args, **kw)
             objective = loss
@@ -338,7 +340,7 @@ def evaluate(policy, data: TrainData, refs: dict, cfg: TrainConfig, env: DistEnv
     batches = eval_batches(data.eval.lengths, env.rank, env.world_size)
     mine = sorted(i for b in batches for i in b)
     u_w, u_l = pair_logprobs(policy, data.eval, batches=batches, pad_id=data.pad_id, device=env.device,
-                             precision=cfg.precision)
+                             precision=cfg.precision, head_precision=cfg.head_precision)
     if sharded:
         model.reshard()
     lens = [torch.tensor([len(x[i].response_ids) for i in mine], dtype=torch.float64)

@@ -31,10 +31,17 @@ def test_every_flag_in_the_table_exists_and_fills_its_field():
 @pytest.mark.parametrize("extra,flag", [
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--schedule", "exp"], "--schedule"),
     (["--beta", "-1"], "--beta"), (["--loss-kwarg", "gamma=nan", "--loss", "dpo_gamma"], "--loss-kwarg gamma"),
-    (["--optimizer", "adam"], "--optimizer"),
+    (["--optimizer", "adam"], "--optimizer"), (["--head-precision", "fp16"], "--head-precision"),
 ])
 def test_config_errors_name_the_flag_before_any_work(extra, flag, tmp_path, capsys):
     argv = [a if a != "d.jsonl" else str(tmp_path / "missing.jsonl") for a in BASE] + extra
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"preflens train: error: {flag}:"), err  # not the missing data file: config first
+
+
+def test_head_precision_flag_fills_the_field():
+    args = build_parser().parse_args(BASE + ["--head-precision", "bf16", "--precision", "bf16"])
+    cfg = config_from_args(args)
+    assert (cfg.head_precision, cfg.precision) == ("bf16", "bf16")
+    assert config_from_args(build_parser().parse_args(BASE)).head_precision == "fp32"

@@ -64,3 +64,22 @@ def test_lr_matches_transformers_schedulers(schedule, make, warmup):
         sched.step()
     if warmup:
         assert lr_at(0, lr=peak, warmup_steps=warmup, total_steps=total, schedule=schedule) == 0.0
+
+
+def test_head_precision_is_in_the_record_and_a_saved_record_without_it_meant_fp32(tmp_path):
+    import json
+
+    from preflens.dynamics.rundir import RunDir
+
+    cfg = TrainConfig(**BASE)
+    assert cfg.to_dict()["head_precision"] == "fp32" and cfg.replace(head_precision="bf16").to_dict() != cfg.to_dict()
+    with pytest.raises(ConfigError) as exc:
+        TrainConfig(**BASE, head_precision="tf32")
+    assert exc.value.option == "head_precision" and sorted(exc.value.allowed) == ["bf16", "fp32"]
+    run = RunDir(tmp_path, True, True)  # a run saved before the option existed: no head_precision key
+    (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "head_precision"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    run.check_resume(cfg.to_dict(), True)  # fp32 head: the same computation, resumes
+    with pytest.raises(ConfigError, match="head_precision"):
+        run.check_resume(cfg.replace(head_precision="bf16").to_dict(), True)

@@ -128,3 +128,68 @@ def test_unknown_word_in_a_data_file_names_file_and_line(tmp_path):
     assert pairs[1].source == (str(path), 3)
     with pytest.raises(DataError, match=r"pairs.jsonl:3: field 'rejected': words 'Poseidonia'"):
         ches_for_pairs(lm, pairs)
+
+
+# ----------------------------------------------------------------------------- head precision
+HEAD_FAMILIES = ("gpt2", "llama")  # tied / untied unembedding; both with randomized norm weights
+
+
+def _head_inputs(lm):
+    from preflens.scoring import collate, final_hidden
+
+    batch = collate(encode(lm.tokenizer, PROMPTS, RESPONSES), pad_id=lm.pad_id)
+    with torch.no_grad():
+        hidden = final_hidden(lm.model, batch)
+    mask = batch.response_mask
+    head = lm.model.get_output_embeddings()
+    return batch, hidden[mask], head.weight.detach(), getattr(head, "bias", None), batch.targets[mask]
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES, ids=[f"tiny-{f}" for f in HEAD_FAMILIES])
+def test_fp32_head_equals_the_previous_head_bit_for_bit(family_lms, family):
+    from preflens.scoring import target_logprobs, token_logprobs
+    from tests.test_scoring import old_fused_head
+
+    lm = family_lms[family]
+    batch, h, w, b, t = _head_inputs(lm)
+    g = torch.linspace(-1, 1, h.shape[0])
+    leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    lp = target_logprobs(*leaves, b, t, chunk_size=5)
+    (lp * g).sum().backward()
+    old = old_fused_head(h, w, b, t, 5, g)
+    assert torch.equal(lp, old[0]) and torch.equal(leaves[0].grad, old[1]) and torch.equal(leaves[1].grad, old[2])
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(lm.model, batch, chunk_size=5)[batch.response_mask], old[0])
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES, ids=[f"tiny-{f}" for f in HEAD_FAMILIES])
+def test_bf16_head_logprobs_within_the_bf16_bound(family_lms, family):
+    from preflens.scoring import logit_head, token_logprobs
+    from tests.test_scoring import head_logit_bound
+
+    lm = family_lms[family]
+    batch, h, w, _, _ = _head_inputs(lm)
+    with torch.no_grad():
+        lp32 = token_logprobs(lm.model, batch)[batch.response_mask]
+        lp16 = token_logprobs(lm.model, batch, head_precision="bf16")[batch.response_mask]
+    err = (lp16 - lp32).abs().double()
+    bound = 2 * head_logit_bound(h, w, logit_head(lm.model).scale)
+    assert (err <= bound).all() and err.max() > 0
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES, ids=[f"tiny-{f}" for f in HEAD_FAMILIES])
+def test_bf16_head_model_gradients_close_to_fp32(family_lms, family):
+    """Every parameter's gradient through the whole model (the body's backward is the same linear
+    map of ∂h in both): relative error ≤ 8u = 2⁻⁵, a few bf16 roundings of the head's inputs."""
+    from preflens.scoring import token_logprobs
+
+    lm = family_lms[family]
+    batch = _head_inputs(lm)[0]
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        lm.model.zero_grad()
+        token_logprobs(lm.model, batch, head_precision=precision).sum().backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in lm.model.parameters()])
+    lm.model.zero_grad()
+    rel = float((grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm())
+    assert 0 < rel <= 8 * 2.0 ** -8, rel

@@ -31,3 +31,17 @@ def test_one_dpo_step_lowers_the_loss(lm, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
 
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"], ids=["tiny-gpt2", "tiny-llama"])
+def test_one_dpo_step_with_a_bf16_head(family_lms, family, tmp_path):
+    """head_precision="bf16" in the loop: the reference is scored with the same head, so step 1's
+    loss is log 2 exactly as in fp32; the update lowers the loss; the record names the head."""
+    lm = family_lms[family]
+    policy = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    run = train_preference(policy, PAIRS, loss="dpo", loss_kwargs={"beta": 0.1}, optimizer="sgd", lr=1e-2,
+                           steps=2, batch_size=2, seed=0, head_precision="bf16", out_dir=tmp_path / "run")
+    losses = [row["loss"] for row in run.history]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert losses[1] < losses[0]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["head_precision"] == "bf16"
