@@ -478,9 +478,9 @@ class _Unembedding:
         self.w = weight.to(torch.bfloat16 if self.bf16 else self.acc)
         self.b = bias.to(self.acc) if bias is not None else None
 
-    def operand(self, h_c: torch.Tensor) -> torch.Tensor:
-        """A row chunk of ``h`` as the GEMMs take it."""
-        return h_c.to(torch.bfloat16 if self.bf16 else self.acc)
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """A row chunk of ``h``, or a logit gradient δ, as the GEMMs take it."""
+        return x.to(torch.bfloat16 if self.bf16 else self.acc)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """z = x Wᵀ + b in the accumulation dtype, ``x`` from :meth:`operand`."""
@@ -490,15 +490,15 @@ class _Unembedding:
         return z if self.b is None else z.add_(self.b)
 
     def grad_h(self, d: torch.Tensor) -> torch.Tensor:
-        """δ W for the logit gradient ``d`` [rows, V]."""
-        return d @ self.w if not self.bf16 else _mm_bf16(d.to(torch.bfloat16), self.w).to(self.acc)
+        """δ W for the logit gradient ``d`` [rows, V] (from :meth:`operand`)."""
+        return d @ self.w if not self.bf16 else _mm_bf16(d, self.w).to(self.acc)
 
     def add_grad_w(self, grad_w: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
-        """grad_w += δᵀ x (``x`` from :meth:`operand`)."""
+        """grad_w += δᵀ x (``d``, ``x`` from :meth:`operand`)."""
         if not self.bf16:
             grad_w.addmm_(d.t(), x)
         else:
-            grad_w += _mm_bf16(d.to(torch.bfloat16).t(), x)
+            grad_w += _mm_bf16(d.t(), x)
 
 
 class _TargetLogprob(torch.autograd.Function):
@@ -539,12 +539,13 @@ class _TargetLogprob(torch.autograd.Function):
             d = torch.exp(head(z) - lse[s : s + chunk, None]).mul_(-grad_out[s : s + chunk, None])
             d.scatter_add_(1, target[s : s + chunk, None], grad_out[s : s + chunk, None].to(acc))
             d = head.backward(z, d)
+            if grad_b is not None:
+                grad_b += d.sum(0)
+            d = gemm.operand(d)  # fp32: d itself
             if need_h:
                 grad_h[s : s + chunk] = gemm.grad_h(d).to(h.dtype)
             if need_w:
                 gemm.add_grad_w(grad_w, d, x)
-            if grad_b is not None:
-                grad_b += d.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None

@@ -162,8 +162,9 @@ def test_fp32_head_equals_the_previous_head_bit_for_bit(family_lms, family):
         assert torch.equal(token_logprobs(lm.model, batch, chunk_size=5)[batch.response_mask], old[0])
 
 
-@pytest.mark.parametrize("family", HEAD_FAMILIES, ids=[f"tiny-{f}" for f in HEAD_FAMILIES])
+@pytest.mark.parametrize("family", [*HEAD_FAMILIES, "gemma2"], ids=["tiny-gpt2", "tiny-llama", "tiny-gemma2"])
 def test_bf16_head_logprobs_within_the_bf16_bound(family_lms, family):
+    """Also through Gemma 2's soft-cap (1-Lipschitz, so the logit bound carries over)."""
     from preflens.scoring import logit_head, token_logprobs
     from tests.test_scoring import head_logit_bound
 
