@@ -26,7 +26,9 @@ Conventions (every probe, the training loop and the reproduction scripts share t
   ``h Wᵀ (+ b)`` after the final norm (Gemma 2/3 final-logit soft-capping ``c·tanh(z/c)``,
   Cohere's ``logit_scale``, Granite's ``logits_scaling``) is part of the fused head
   (:class:`LogitHead`); :func:`verify_head` checks it against the model's own logits when a
-  model is loaded and raises :class:`~preflens.errors.ModelError` if they differ.
+  model is loaded and raises :class:`~preflens.errors.ModelError` if they differ. Its GEMMs run
+  in fp32 by default; ``head_precision="bf16"`` (training speed on a GPU) rounds only their
+  operands to bf16 and keeps the logits and log-softmax fp32 (:func:`target_logprobs`).
 * **Padding.** Batches are right-padded; GPT-2's absolute positions then equal the unpadded ones
   and, under the causal mask, no real position sees a pad, so batched scores equal per-example
   unpadded scores (tested ≤ 1e-5) without a padding mask (see :func:`final_hidden`).

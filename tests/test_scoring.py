@@ -291,3 +291,15 @@ def test_head_precision_unknown_value_is_a_config_error():
     with pytest.raises(ConfigError) as exc:
         target_logprobs(h, w, b, t, head_precision="fp16")
     assert exc.value.option == "head_precision" and sorted(exc.value.allowed) == ["bf16", "fp32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 GEMM with fp32 output)")
+def test_bf16_head_on_cuda_equals_the_cpu_emulation():
+    """CUDA's bf16 GEMM with fp32 output and the CPU's fp32 GEMM of bf16-rounded operands compute
+    the same exact products; only the fp32 summation order differs."""
+    h, w, b, t, g = _random_head(d=64, v=1000, n=50)
+    lp_cpu, grads_cpu = _head_grads(h, w, b, t, g, "bf16")
+    lp_gpu, grads_gpu = _head_grads(*(x.cuda() for x in (h, w, b, t, g)), "bf16")
+    assert torch.allclose(lp_gpu.cpu(), lp_cpu, rtol=0, atol=1e-4)
+    for a, e in zip(grads_cpu, grads_gpu):
+        assert torch.allclose(e.cpu(), a, rtol=1e-4, atol=1e-5)
