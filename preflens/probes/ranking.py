@@ -21,6 +21,7 @@ Conventions (all functions):
 
 from __future__ import annotations
 
+import math
 import numbers
 import statistics
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ __all__ = [
     "flip_loss_threshold", "required_loss_decrease", "dpo_loss_value", "correct_from_dpo_loss",
     "dpo_margin_bounds",
     "ipo_loss_value", "ipo_loss_bound", "ipo_guarantees_correct",
-    "flip_buckets", "tie_aware_correct",
+    "flip_buckets", "tie_aware_correct", "flip_frontier_point",
     "CalibrationMetrics", "calibration_metrics", "expected_calibration_error",
     "RankCorrelations", "ranking_correlations", "spearman_rho", "kendall_tau_b",
 ]
@@ -333,3 +334,39 @@ from preflens.probes.flip import (  # noqa: E402
     UNDETERMINED, correct_from_dpo_loss, dpo_loss_value, dpo_margin_bounds, flip_buckets,
     flip_loss_threshold, ipo_guarantees_correct, ipo_loss_bound, ipo_loss_value,
     required_loss_decrease)
+
+
+def flip_frontier_point(margin, c, beta: float) -> dict:
+    """Where one DPO run lands on the flip frontier: loss drop vs share of mis-ranked pairs flipped.
+
+    Chen et al. 2024, Def. 2.2 (DPO loss), Theorem 4.1 and Sec. 4.1. Per pair, ``margin`` =
+    m = log pi_theta(y_w) - log pi_theta(y_l) after training and ``c`` = log pi_ref(y_l) -
+    log pi_ref(y_w) (summed log-probs; c > 0 <=> pi_ref mis-ranks the pair), ``beta`` the run's
+    DPO beta. Correct means m >= 0 (Def. 2.3, >=), so "incorrect at start" is c > 0.
+
+    Returns floats: ``mean_loss`` = mean over pairs of softplus(-beta (m + c)) (the DPO loss on
+    every pair, not a training-batch average); ``loss_drop`` = log 2 - mean_loss (log 2 = the loss
+    at pi_theta = pi_ref); ``flipped_to_correct_of_incorrect`` (i->c / #incorrect at start),
+    ``flipped_to_incorrect_of_correct`` (c->i / #correct at start), NaN when the denominator is 0;
+    ``ranking_accuracy`` = mean 1[m >= 0]; ``incorrect_at_start``; ``median_threshold_incorrect``
+    = median (the mean of the two middle values for an even count) over the initially incorrect
+    pairs of their flip threshold softplus(-beta c) (Theorem 4.1: such a pair ends correct iff its
+    loss is at most that; NaN if there are none).
+    """
+    m, cc = _f64(margin, "margin"), _f64(c, "c")
+    _same_shape(m, cc, "margin", "c")
+    loss = dpo_loss_value(m, cc, beta)
+    buckets = flip_buckets(cc <= 0, m >= 0)
+    counts, n = buckets["counts"], buckets["n"]
+    n_correct = counts["c->c"] + counts["c->i"]
+    wrong = cc > 0
+    return {
+        "mean_loss": float(loss.mean()),
+        "loss_drop": math.log(2.0) - float(loss.mean()),
+        "flipped_to_correct_of_incorrect": float(buckets["fraction_flipped_to_correct_of_incorrect"]),
+        "flipped_to_incorrect_of_correct": counts["c->i"] / n_correct if n_correct else math.nan,
+        "ranking_accuracy": (counts["c->c"] + counts["i->c"]) / n,
+        "incorrect_at_start": buckets["fraction_incorrect_at_start"],
+        "median_threshold_incorrect": (float(flip_loss_threshold(cc[wrong], beta).quantile(0.5))
+                                       if bool(wrong.any()) else math.nan),
+    }

@@ -353,3 +353,35 @@ def test_tie_aware_correct():
                                 tie_inclusive=True).tolist() == [True]
     with pytest.raises(ConfigError, match="space"):
         rk.tie_aware_correct([0.0], [0.0], 0.5, space="nats")
+
+
+# ----------------------------------------------------------------------------- flip frontier
+def test_flip_frontier_point_by_hand():
+    # c > 0: mis-ranked at start (pairs 0, 1); c = 0 counts correct (>=); margins after training:
+    # pair 0 flips to correct, 1 stays wrong, 2 stays correct, 3 flips to incorrect, 4 m = 0 stays correct.
+    c = [1.0, 2.0, -1.0, -0.5, 0.0]
+    m = [0.5, -1.0, 2.0, -0.1, 0.0]
+    beta = 2.0
+    sp = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    losses = [sp(-beta * (mi + ci)) for mi, ci in zip(m, c)]
+    out = rk.flip_frontier_point(torch.tensor(m, dtype=torch.float64), torch.tensor(c, dtype=torch.float64), beta)
+    assert out["mean_loss"] == pytest.approx(sum(losses) / 5, abs=1e-12)
+    assert out["loss_drop"] == pytest.approx(LOG2 - sum(losses) / 5, abs=1e-12)
+    assert out["flipped_to_correct_of_incorrect"] == 0.5
+    assert out["flipped_to_incorrect_of_correct"] == pytest.approx(1 / 3)
+    assert out["ranking_accuracy"] == pytest.approx(3 / 5)
+    assert out["incorrect_at_start"] == pytest.approx(2 / 5)
+    # median of the two mis-ranked pairs' thresholds softplus(-2), softplus(-4): their mean
+    assert out["median_threshold_incorrect"] == pytest.approx((sp(-2.0) + sp(-4.0)) / 2, abs=1e-12)
+    # Theorem 4.1 holds pair by pair: the flipped pair's loss is under its threshold, the other's is not
+    assert losses[0] <= sp(-beta * c[0]) and losses[1] > sp(-beta * c[1])
+
+
+def test_flip_frontier_point_undefined_shares_are_nan_and_at_init_the_drop_is_zero():
+    c = torch.tensor([-1.0, -2.0])
+    out = rk.flip_frontier_point(-c, c, 0.5)   # pi_theta = pi_ref: m = -c, loss = ln 2 everywhere
+    assert out["loss_drop"] == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(out["flipped_to_correct_of_incorrect"]) and math.isnan(out["median_threshold_incorrect"])
+    assert out["flipped_to_incorrect_of_correct"] == 0.0
+    with pytest.raises(DataError):
+        rk.flip_frontier_point([0.0, 1.0], [0.0], 1.0)
