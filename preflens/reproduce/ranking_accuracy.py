@@ -356,7 +356,7 @@ def _frontier(cfg: Config, ref_lists: dict, runs: list, idealized_median: float)
     return {"criterion": {"max_flip_share": cfg.max_flip_share, "min_loss_drop": cfg.min_loss_drop,
                           "min_idealized_median": cfg.min_idealized_median},
             "idealized_median": idealized_median, "rows": rows,
-            "meeting": [i for i, row in enumerate(rows) if row["meets_criterion"]]}
+            "n_meeting": sum(row["meets_criterion"] for row in rows)}
 
 
 def _spread(pairs, cfg: Config, arm: dict, deltas: dict) -> dict:

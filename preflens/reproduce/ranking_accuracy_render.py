@@ -181,7 +181,7 @@ def summary(results: dict) -> str:
          for r in fr["rows"]],
         ["β", "lr", "epochs", "mean loss", "ln2 − loss", "i→c of incorrect", "c→i of correct", "R after", "meets"])
     crit = fr["criterion"]
-    meeting = [fr["rows"][i] for i in fr["meeting"]]
+    meeting = [r for r in fr["rows"] if r["meets_criterion"]]
     lines += [f"flip frontier (DPO from the base π_ref, {cfg['optimizer']}):", table,
               f"criterion: i→c ≤ {crit['max_flip_share']:g} of incorrect at ln 2 − loss ≥ {crit['min_loss_drop']:g}, "
               f"base R* median {fr['idealized_median']:.3f} ≥ {crit['min_idealized_median']:g}: "

@@ -117,9 +117,9 @@ def test_frontier_rows_and_the_criterion():
     first, second = out["rows"]
     assert first["flipped_to_correct_of_incorrect"] == 0.0 and first["loss_drop"] > 0.05 and first["meets_criterion"]
     assert second["flipped_to_correct_of_incorrect"] == 1.0 and not second["meets_criterion"]
-    assert out["meeting"] == [0] and out["criterion"]["max_flip_share"] == cfg.max_flip_share
+    assert out["n_meeting"] == 1 and out["criterion"]["max_flip_share"] == cfg.max_flip_share
     gated = ranking_accuracy._frontier(cfg, _ref_lists(c), runs, idealized_median=0.8)
-    assert gated["meeting"] == []   # the base R* median must reach min_idealized_median
+    assert gated["n_meeting"] == 0   # the base R* median must reach min_idealized_median
     none_wrong = ranking_accuracy._frontier(cfg, _ref_lists([-1.0, -1.0]), [
         {"dpo_beta": 1.0, "lr": 1e-6, "records": [{"epochs": 1, "margin": [2.0, 2.0]}]}], idealized_median=0.9)
     assert none_wrong["rows"][0]["flipped_to_correct_of_incorrect"] is None   # JSON-safe, not NaN
