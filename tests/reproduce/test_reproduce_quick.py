@@ -15,7 +15,7 @@ from preflens.cli import main
 
 EXPECTED = {
     "likelihood_displacement": {
-        "keys": ["single_token", "ches_quantiles", "spearman_ches_vs_delta"],
+        "keys": ["single_token", "ches_quantiles", "spearman_ches_vs_delta", "unembedding_geometry"],
         "single_token": ["pair", "seed", "max_drop", "loss_monotone", "top_gaining", "overlap_at_10"],
         "ches_quantiles": ["q", "mean_ches", "mean_delta_logp_chosen"],
         "figures": ["single_token_similar", "single_token_dissimilar", "ches_quantiles"],

@@ -71,8 +71,8 @@ RESPONSE_STYLES: tuple[tuple[str, dict[str, int]], ...] = (
 #: Rewards and corpus weights are unrelated by construction (the reference's preference between
 #: descriptors is not the annotators'); corpus probabilities are ``softmax(log-weight)``.
 DEFAULT_DESCRIPTORS: tuple[tuple[str, float, float], ...] = (
-    ("historic", 2.0, -1.5), ("dull", -2.0, -1.0), ("ancient", 1.2, -0.6), ("noisy", -1.2, -0.3),
-    ("coastal", 0.6, 0.1), ("plain", -0.6, 0.4), ("famous", 1.6, 0.7), ("crowded", -1.6, 1.0),
+    ("historic", 3.0, -1.5), ("dull", -3.0, -1.0), ("ancient", 1.8, -0.6), ("noisy", -1.8, -0.3),
+    ("coastal", 0.9, 0.1), ("plain", -0.9, 0.4), ("famous", 2.4, 0.7), ("crowded", -2.4, 1.0),
 )
 #: The tail appended to every graded answer of a version-2 world (words joined as "a, b and c").
 TAIL_TEMPLATE = " It is {words}."
@@ -225,8 +225,11 @@ def make_world(
     ``countries`` (``[(country, capital)]``) defaults to every distinct country of
     ``capitals.csv`` with its first-listed capital. Weights: ``rank^-zipf_s`` over a seeded
     random permutation, normalised to sum 1. Reward weights ``w`` (ordered as FEATURES):
-    correct 3.0, complete 0.6, polite 0.3, hedge −0.5, detail 0.2, then one weight per
-    descriptor word (``descriptors``: (word, reward, corpus log-weight)). Annotator ``a``'s
+    correct 6.0 (3.0 in a world without descriptors, as in version 1), complete 0.6, polite
+    0.3, hedge −0.5, detail 0.2, then one weight per descriptor word (``descriptors``: (word,
+    reward, corpus log-weight)). A right capital outweighs most tails, so the population rarely
+    prefers a wrong answer; the tail decides between answers of equal correctness. Rewards and
+    annotators never enter the corpus (only :attr:`WorldSpec.descriptors` probabilities do). Annotator ``a``'s
     weights are ``w + δ_a`` with ``δ_a ~ N(0, annotator_noise²)`` on the style features and
     ``N(0, descriptor_noise²)`` on the descriptor features. ``descriptor_slots = 0`` or no
     descriptors gives answers without a tail.
@@ -251,7 +254,7 @@ def make_world(
     taken_desc = {d[0] for d in descriptors}
     if len(taken_desc) != len(descriptors) or taken_desc & (taken | set(fc) | set(fcity)):
         raise ConfigError("descriptors", "descriptor words must be distinct and not country or city names")
-    w = [3.0, 0.6, 0.3, -0.5, 0.2] + [float(r) for _, r, _ in descriptors]
+    w = [6.0 if descriptors else 3.0, 0.6, 0.3, -0.5, 0.2] + [float(r) for _, r, _ in descriptors]
     noise = [annotator_noise] * len(FEATURES) + [descriptor_noise] * len(descriptors)
     annot = [[wi + rng.gauss(0.0, sd) for wi, sd in zip(w, noise)] for _ in range(n_annotators)]
     z = [math.exp(lw) for _, _, lw in descriptors]
