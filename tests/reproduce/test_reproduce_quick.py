@@ -22,8 +22,9 @@ EXPECTED = {
     },
     "ranking_accuracy": {
         "keys": ["reference", "after_dpo", "fraction_flipped_to_correct",
-                 "fraction_flipped_to_incorrect", "fraction_incorrect_at_start"],
-        "figures": ["ranking_accuracy_during_dpo", "observed_vs_idealized", "dpo_loss_vs_c"],
+                 "fraction_flipped_to_incorrect", "fraction_incorrect_at_start", "miscalibrated", "frontier"],
+        "figures": ["ranking_accuracy_during_dpo", "observed_vs_idealized", "dpo_loss_vs_c",
+                    "dpo_loss_vs_c_miscalibrated", "flip_frontier"],
     },
     "factual_recall": {
         "keys": ["rates", "by_decile", "memory_heads", "in_context_heads", "scaling", "selection", "sweeps"],
@@ -88,10 +89,11 @@ def test_quick_reproduction_outputs(quick_run, paper):
                 assert set(spec[section]) <= set(row), (section, row)
     if "scaling" in spec:
         assert set(spec["scaling"]) <= set(results["scaling"])
-    for block in ("reference", "after_dpo"):
-        if block in results:
-            assert {"ranking_accuracy", "ranking_accuracy_mean", "idealized"} <= set(results[block])
-            assert {"min", "median", "max", "per_beta"} <= set(results[block]["idealized"])
+    for arm in (results, results.get("miscalibrated", {})):
+        for block in ("reference", "after_dpo"):
+            if block in arm:
+                assert {"ranking_accuracy", "ranking_accuracy_mean", "idealized"} <= set(arm[block])
+                assert {"min", "median", "max", "per_beta"} <= set(arm[block]["idealized"])
     if paper == "gradient_entanglement":
         for name in ("dpo", "ipo", "simpo", "slic", "dpop", "cpo", "dpo_pairwise_normalized"):
             assert {"chosen_delta", "rejected_delta", "case_counts"} <= set(results["losses"][name])
