@@ -107,7 +107,7 @@ class Config:
     # the flip frontier: DPO from the base reference, one run per (beta, lr), recorded after
     # each of frontier_epochs (a constant-lr run's first k epochs are a k-epoch run)
     frontier_betas: tuple = (0.1, 1.0, 5.0)
-    frontier_lrs: tuple = (1e-6, 3e-6, 3e-5)
+    frontier_lrs: tuple = (1e-6, 3e-6, 1e-5, 3e-5)
     frontier_epochs: tuple = (1, 2)
     # the frontier's acceptance region (issue 18): flips of mis-ranked pairs <= max_flip_share
     # where the mean loss is >= min_loss_drop below ln 2 and the base R* median >= min_idealized_median
