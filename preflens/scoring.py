@@ -580,7 +580,7 @@ def target_logprobs(
     and W costs each logit at most (2u + u²)·Σ_k |h_k W_vk| (u = 2⁻⁸), each log-prob at most
     twice that times ``head.scale``. For comparison, TRL 1.16's fused head
     (``trl.kernels.ChunkedLogProbFunction``) under bf16 autocast writes the GEMM output to a
-    bf16 tile, so its logits are rounded to bf16 (≈ |z|·2⁻⁹ each) before an fp32 log-sum-exp,
+    bf16 tile, so its logits are rounded to bf16 (each by up to |z|·2⁻⁸) before an fp32 log-sum-exp,
     and its logit gradient is bf16 too; preflens' ``"bf16"`` keeps the logits fp32.
     """
     check_head_precision(head_precision)

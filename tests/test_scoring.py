@@ -256,7 +256,7 @@ def test_bf16_head_error_is_within_the_bf16_bound_and_not_zero():
 
 def test_bf16_head_keeps_logits_fp32():
     """Operands already bf16-exact: only fp32 accumulation order may differ, so a head that rounded
-    the logits themselves to bf16 (≈ |z|·2⁻⁹ each, as TRL's does) would fail by orders of magnitude."""
+    the logits themselves to bf16 (up to |z|·2⁻⁸ each, as TRL's does) would fail by orders of magnitude."""
     h, w, b, t, _ = _random_head()
     h, w = h.bfloat16().float(), w.bfloat16().float()
     lp32 = target_logprobs(h, w, b, t)
