@@ -178,7 +178,8 @@ def worker(args) -> dict:
     steady = (times[-1] - times[args.warmup - 1]) / args.steps  # steps after the warm-up ones
     pairs_s = args.pairs / steady
     out = {
-        "impl": _impl_name(args.worker, args.head_precision), "steps_timed": args.steps, "s_per_step": steady, "pairs_per_s": pairs_s,
+        "impl": _impl_name(args.worker, args.head_precision), "steps_timed": args.steps, "s_per_step": steady,
+        "pairs_per_s": pairs_s,
         "tokens_per_s": pairs_s * tokens_per_pair, "tokens_per_pair": tokens_per_pair, "peak_mem_bytes": peak,
         "mem_kind": kind, "end_to_end_s": end_to_end, "step1_loss": step1_loss, "n_params": n_params,
     }
