@@ -25,7 +25,7 @@ from pathlib import Path
 
 from preflens.data.io import atomic_write_text
 from preflens.dynamics.checkpoint import list_checkpoints, save_checkpoint, truncate_metrics
-from preflens.dynamics.config import RECORD_DEFAULTS
+from preflens.dynamics.config import LORA_FIELDS, RECORD_DEFAULTS
 from preflens.errors import ConfigError, TrainingError
 
 try:
@@ -88,6 +88,8 @@ class RunDir:
             raise TrainingError(f"cannot resume: {path} is unreadable ({exc}); pass resume=False to start "
                                 "over") from None
         diff = [k for k in record if saved.get(k, RECORD_DEFAULTS.get(k)) != record[k]]
+        # A full fine-tuning record leaves the LoRA fields out: a saved LoRA run is still different.
+        diff += [k for k in LORA_FIELDS if k not in record and saved.get(k) is not None]
         if diff:
             raise ConfigError("resume", f"{self.out_dir} holds a run with different {', '.join(diff)}; pass "
                               "resume=False to start over")

@@ -74,6 +74,16 @@ def test_lora_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_full_fine_tuning_does_not_resume_a_lora_run(tmp_path):
+    """The full fine-tuning record omits the LoRA fields; resuming a LoRA run without them is
+    still a different run and is refused before anything is written."""
+    train_preference(load_model("tiny-random", device="cpu"), _pairs(), steps=2, out_dir=tmp_path / "run", **CONFIG)
+    full = {k: v for k, v in CONFIG.items() if not k.startswith("lora_")}
+    with pytest.raises(ConfigError, match="lora_r") as exc:
+        train_preference(load_model("tiny-random", device="cpu"), _pairs(), steps=4, out_dir=tmp_path / "run", **full)
+    assert exc.value.option == "resume"
+
+
 def test_lora_config_errors(tmp_path):
     lm = load_model("tiny-random", device="cpu")
     with pytest.raises(ConfigError, match="lora_targets"):
