@@ -56,7 +56,7 @@ else
   row ghost 80 $PY "$B/bench_entanglement.py" $DEV --pairs 64 --tokens 256 --methods ghost,exact \
       --json-out "$OUT/rows/ghost.json"
   row scoring 50 $PY "$B/bench_scoring.py" $DEV --pairs 256 --json-out "$OUT/rows/scoring.json"
-  row memory 170 $PY "$B/bench_memory.py" $DEV --precision bf16 --pairs 8 --seq 512 --steps 2 --timeout 55 \
+  row memory 145 $PY "$B/bench_memory.py" $DEV --precision bf16 --pairs 8 --seq 512 --steps 2 --timeout 55 \
       --json-out "$OUT/rows/memory.json"
 fi
 
