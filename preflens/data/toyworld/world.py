@@ -19,7 +19,8 @@ A :class:`WorldSpec` is drawn from one seed and saved as JSON. It holds
 * near-synonym answer words with distinct uses: the corpus also uses ``" Never"`` outside
   yes/no answers (``"Never confuse {city} with {other}."``), so its unembedding differs from
   ``" No"``'s while both remain "no" answers;
-* a feature vector per graded answer, and a finite **annotator population**: annotator ``a`` has reward ``r_a(y) = (w + δ_a) · f(y)`` with
+* a feature vector per graded answer, and a finite **annotator population**: annotator ``a``
+  has reward ``r_a(y) = (w + δ_a) · f(y)`` with
   ``δ_a ~ N(0, noise² I)`` and votes by Bradley–Terry, ``P_a(y1 ≻ y2) = σ(r_a(y1) − r_a(y2))``
   (Bradley & Terry 1952; the preference model of Chen et al. 2024, "Preference Learning
   Algorithms Do Not Learn Preference Rankings", Thm 3.1). The exact population preference is
@@ -229,8 +230,8 @@ def make_world(
     0.3, hedge −0.5, detail 0.2, then one weight per descriptor word (``descriptors``: (word,
     reward, corpus log-weight)). A right capital outweighs most tails, so the population rarely
     prefers a wrong answer; the tail decides between answers of equal correctness. Rewards and
-    annotators never enter the corpus (only :attr:`WorldSpec.descriptors` probabilities do). Annotator ``a``'s
-    weights are ``w + δ_a`` with ``δ_a ~ N(0, annotator_noise²)`` on the style features and
+    annotators never enter the corpus (only :attr:`WorldSpec.descriptors` probabilities do).
+    Annotator ``a``'s weights are ``w + δ_a`` with ``δ_a ~ N(0, annotator_noise²)`` on the style features and
     ``N(0, descriptor_noise²)`` on the descriptor features. ``descriptor_slots = 0`` or no
     descriptors gives answers without a tail.
     """
