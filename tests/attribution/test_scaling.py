@@ -136,10 +136,14 @@ def test_scaling_sweep_rows(tiny):
 
 # --------------------------------------------------------------------------- toyworld
 @pytest.mark.slow
-def test_toyworld_negative_memory_head_scaling_raises_in_context():
-    """The paper's protocol (§5.3.4, §6.2) on disjoint seeded prompt sets: memory heads = top-3
-    most negative mean DLA on a tuning set; (head, negative alpha) chosen by the tuning set's
-    in-context rate; on a held-out set that choice raises the in-context rate over alpha = 1."""
+def test_toyworld_head_chosen_on_tuning_prompts_raises_held_out_in_context():
+    """The recipe's protocol on disjoint seeded prompt sets (Yu et al. 2023 chose heads and α on
+    a tuning set, §5.3.4 and §6.2): every head at α = ±3 on the tuning prompts, the best (head,
+    α) by in-context rate; on held-out prompts it raises the in-context rate over α = 1 and
+    lowers the memorized rate. Every head is tried, not only DLA's memory heads: on toyworld v2
+    the head that steers best is not one DLA ranks as a memory head (README), so the test also
+    checks that DLA's top memory head is not the winner here — both are properties of the
+    shipped checkpoint, measured by the factual-recall recipe."""
     for f in ("config.json", "world.json"):
         assert (TOYWORLD_DIR / f).is_file(), f"the shipped toyworld checkpoint lacks {TOYWORLD_DIR / f}"
     from preflens.data.toyworld.world import load_world
@@ -149,11 +153,13 @@ def test_toyworld_negative_memory_head_scaling_raises_in_context():
     lm = load_model("toyworld", device="cpu")
     bridge = lm.bridge(compat=True)
     tune = counterfactual_prompts(world=world, pairs=1, seed=11)
-    memory = select_heads(head_logit_attribution(bridge, tune), k=3)["memory"]
+    top_memory = select_heads(head_logit_attribution(bridge, tune), k=1)["memory"][0][:2]
     kw = dict(bridge=bridge, max_new_tokens=6, batch_size=64)
-    best = max(((r["in_context"], (l, h), r["alpha"]) for l, h, _ in memory
-                for r in scaling_sweep(lm, tune, (l, h), [-0.5, -1.0, -2.0], **kw)))
+    heads = [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
+    best = max((r["in_context"], head, r["alpha"]) for head in heads
+               for r in scaling_sweep(lm, tune, head, [-3.0, 3.0], **kw))
     held_out = counterfactual_prompts(world=world, pairs=1, seed=12)
     base, scaled = scaling_sweep(lm, held_out, best[1], [1.0, best[2]], **kw)
-    assert scaled["in_context"] > base["in_context"] + 0.05, (memory, best, base, scaled)
+    assert scaled["in_context"] > base["in_context"] + 0.15, (best, base, scaled)
     assert scaled["memorized"] < base["memorized"], (best, base, scaled)
+    assert best[1] != tuple(top_memory), (best, top_memory)
