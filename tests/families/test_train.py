@@ -45,3 +45,29 @@ def test_one_dpo_step_with_a_bf16_head(family_lms, family, tmp_path):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-7)
     assert losses[1] < losses[0]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["head_precision"] == "bf16"
+
+
+def test_sft_loss_is_the_hf_response_only_token_mean(lm):
+    """dynamics.sft on every family (BOS, soft-capping, GQA, RMSNorm): its reported loss equals
+    Hugging Face's own cross-entropy from ``labels`` (−100 on the prompt), summed over every
+    example's response tokens (EOS included) and divided by their total count; computed one
+    example at a time with the tokenizer's own special tokens, so no padding is involved."""
+    import torch
+
+    from preflens.dynamics.sft import sft
+
+    policy = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    tok = lm.tokenizer
+    examples = [(p.prompt, p.chosen) for p in PAIRS]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in examples:
+            p = tok(prompt)["input_ids"]                       # BOS exactly when the tokenizer adds it
+            r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([p + r])
+            labels = torch.tensor([[-100] * len(p) + r])
+            total += float(lm.model(input_ids=ids, labels=labels).loss.double()) * len(r)
+            count += len(r)
+    result = sft(policy, examples, steps=1, lr=1e-3, batch_size=len(examples), seed=0, optimizer="sgd")
+    assert result.tokens == count
+    assert result.losses[0] == pytest.approx(total / count, rel=1e-4, abs=1e-5)
