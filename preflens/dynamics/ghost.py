@@ -215,6 +215,18 @@ def _rowsum(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(1, dtype=torch.float64)
 
 
+def _embedding_capture(store: dict):
+    """Forward hook on the token embedding that keeps its output in ``store["emb"]``; a frozen
+    embedding's output is made a leaf that requires grad, so ∂u/∂(its output) still exists."""
+    def hook(mod, args, out):
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+        store["emb"] = out
+        return out
+
+    return hook
+
+
 @dataclass
 class _Site:
     kind: str  # "linear" | "conv1d" | "norm"
@@ -297,12 +309,7 @@ class GhostCapture:
             site.inp = site.out = site.grad = None
             handles.append(site.module.register_forward_hook(hook))
         if self.tok or self.pos or (self.unembed and self.tied):
-            def emb_hook(mod, args, out):
-                if not out.requires_grad:  # frozen token embedding: still need ∂u/∂(its output)
-                    out = out.detach().requires_grad_()
-                store["emb"] = out
-                return out
-            handles.append(self.emb.register_forward_hook(emb_hook))
+            handles.append(self.emb.register_forward_hook(_embedding_capture(store)))
         try:
             hidden = final_hidden(self.model, batch)
         finally:
@@ -382,12 +389,8 @@ class GhostCapture:
                                                                 live, seq))
             handles.append(site.module.register_forward_hook(hook))
 
-        def emb_hook(mod, args, out):  # the backward's target: upstream of every site
-            if not out.requires_grad:  # frozen token embedding: still need ∂u/∂(its output)
-                out = out.detach().requires_grad_()
-            store["emb"] = out
-            return out
-        handles.append(self.emb.register_forward_hook(emb_hook))
+        # the backward's target: upstream of every site
+        handles.append(self.emb.register_forward_hook(_embedding_capture(store)))
         try:
             hidden = final_hidden(self.model, batch)
         finally:
