@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preflens.data import PreferencePair
-from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order
+from preflens.dynamics.entanglement import pair_gradient_stats, predict_first_order, sgd_step_changes
 from preflens.dynamics.ghost import PRESETS, _is_norm, select_parameters
 
 PAIRS = [
@@ -119,3 +119,9 @@ def test_first_order_prediction_matches_one_sgd_step(lm, family):
     for pred, meas in ((d_w, (fw - bw) / 2), (d_l, (fl - bl) / 2)):
         assert abs(float(pred[0])) > 1e-5
         assert float(meas[0]) == pytest.approx(float(pred[0]), rel=0.1 if family == "gemma2" else 1e-2)
+    # sgd_step_changes (the recipe's step-size sweep) takes the same one-sided step by itself:
+    # its Δu equals u(θ − ηg) − u(θ) from the independent step above.
+    d = sgd_step_changes(lm64, pair, {"dpo": ("dpo", {"beta": 1.0}, False)}, [lr])  # same default selection
+    s_w, s_l = d["dpo"]
+    for got, want in ((s_w, fw - stats.u_w), (s_l, fl - stats.u_l)):
+        assert float(got.reshape(-1)[0]) == pytest.approx(float(want[0]), rel=1e-3, abs=1e-9)
